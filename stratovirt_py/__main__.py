@@ -1,0 +1,3 @@
+from stratovirt_py.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Architecture-specific machine setup."""

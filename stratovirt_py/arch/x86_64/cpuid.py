@@ -1,0 +1,67 @@
+"""Per-vCPU CPUID: KVM's supported set with topology and APIC ids made consistent with -smp."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from stratovirt_py.arch.x86_64.cpu_topology import apic_id, core_bits, thread_bits
+from stratovirt_py.config import CpuTopology
+from stratovirt_py.kvm.api import CpuidEntry
+
+LEAF_FEATURES = 0x1
+LEAF_CACHE_PARAMS = 0x4
+LEAF_TOPOLOGY = 0xB
+LEAF_TOPOLOGY_V2 = 0x1F
+LEAF_AMD_SIZE = 0x8000_0008
+LEAF_AMD_TOPOLOGY = 0x8000_001E
+ECX_HYPERVISOR = 1 << 31
+EDX_HTT = 1 << 28
+LEVEL_SMT = 1
+LEVEL_CORE = 2
+
+
+def _topology_leaf(entry: CpuidEntry, topology: CpuTopology, x2apic_id: int) -> CpuidEntry:
+    """Leaf 0xB/0x1F subleaf `entry.index`: SMT level, core level, then invalid."""
+    threads_shift = thread_bits(topology)
+    if entry.index == 0:
+        eax, ebx, level = threads_shift, topology.threads, LEVEL_SMT
+    elif entry.index == 1:
+        eax = threads_shift + core_bits(topology)
+        ebx, level = topology.threads * topology.cores, LEVEL_CORE
+    else:
+        eax, ebx, level = 0, 0, 0
+    return dataclasses.replace(entry, eax=eax, ebx=ebx, ecx=(level << 8) | entry.index,
+                               edx=x2apic_id)
+
+
+def vcpu_cpuid(supported: list[CpuidEntry], topology: CpuTopology, index: int) -> list[CpuidEntry]:
+    """The CPUID table for vCPU `index`."""
+    my_apic_id = apic_id(topology, index)
+    logical_per_package = 1 << (thread_bits(topology) + core_bits(topology))
+    result = []
+    for entry in supported:
+        if entry.function == LEAF_FEATURES:
+            ebx = (entry.ebx & 0x0000_FFFF) | (min(logical_per_package, 255) << 16) \
+                | (my_apic_id << 24)
+            edx = entry.edx | EDX_HTT if logical_per_package > 1 else entry.edx & ~EDX_HTT
+            entry = dataclasses.replace(entry, ebx=ebx, ecx=entry.ecx | ECX_HYPERVISOR, edx=edx)
+        elif entry.function == LEAF_CACHE_PARAMS and entry.eax & 0x1F:
+            # EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1.
+            cores_field = (1 << core_bits(topology)) - 1
+            cache_level = (entry.eax >> 5) & 0x7
+            sharing = topology.threads - 1 if cache_level < 3 else logical_per_package - 1
+            eax = (entry.eax & 0x3FFF) | (sharing << 14) | (cores_field << 26)
+            entry = dataclasses.replace(entry, eax=eax)
+        elif entry.function in (LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2):
+            entry = _topology_leaf(entry, topology, my_apic_id)
+        elif entry.function == LEAF_AMD_SIZE:
+            ecx = (entry.ecx & ~0xF0FF) | (logical_per_package - 1) \
+                | ((thread_bits(topology) + core_bits(topology)) << 12)
+            entry = dataclasses.replace(entry, ecx=ecx)
+        elif entry.function == LEAF_AMD_TOPOLOGY:
+            socket, core, _thread = topology.ids(index)
+            entry = dataclasses.replace(entry, eax=my_apic_id,
+                                        ebx=((topology.threads - 1) << 8) | core,
+                                        ecx=socket)
+        result.append(entry)
+    return result

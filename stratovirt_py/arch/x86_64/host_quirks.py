@@ -1,0 +1,31 @@
+"""Guest command-line additions that only some KVM hosts need.
+
+On kvm_pvm (a software hypervisor, see the README's "Hosts" section) guest
+ring-0 code goes through KVM's instruction emulator, which lacks several
+instructions, and the guest sees the host's CPUID unfiltered.  The guest
+kernel is told not to use those features.  On VMX/SVM hosts nothing is added.
+"""
+
+from __future__ import annotations
+
+import os
+
+PVM_MODULE = "/sys/module/kvm_pvm"
+# Features whose instructions the emulator cannot run (host-kvm.md items 2 and 3).
+PVM_CLEARED_CPU_FEATURES = (
+    "smap", "smep", "popcnt", "cx16", "xsave", "xsaves", "xsaveopt", "pku", "avx", "avx2",
+    "bmi1", "bmi2", "movbe", "fsgsbase", "rdrand", "rdseed", "erms", "fsrm", "sse4_1", "sse4_2",
+    "ssse3",
+)
+PVM_CMDLINE = "noxsave clearcpuid=" + ",".join(PVM_CLEARED_CPU_FEATURES)
+
+
+def host_is_pvm(module_path: str = PVM_MODULE) -> bool:
+    return os.path.isdir(module_path)
+
+
+def host_cmdline_additions(user_cmdline: str, is_pvm: bool) -> str:
+    """Extra guest arguments for this host; the user's own clearcpuid= wins."""
+    if not is_pvm or "clearcpuid=" in user_cmdline:
+        return ""
+    return PVM_CMDLINE

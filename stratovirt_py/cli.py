@@ -1,0 +1,295 @@
+"""The StratoVirt-compatible command line: argv -> MachineConfig, and main()."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from stratovirt_py import __version__
+from stratovirt_py.config import (
+    BalloonConfig,
+    CpuTopology,
+    DriveConfig,
+    MachineConfig,
+    NetdevConfig,
+    check_memory_size,
+    parse_bool,
+    parse_int,
+    parse_qmp_socket,
+    parse_serial,
+    parse_size,
+    reject_unknown,
+    split_options,
+)
+from stratovirt_py.errors import ConfigError, MonitorError
+
+USAGE = """\
+usage: stratovirt-py [options]
+  -machine [type=]microvm[,dump-guest-core=on|off]   machine type (microvm, the default)
+  -smp [cpus=]N[,maxcpus=M][,sockets=S][,cores=C][,threads=T]   vCPUs (1..254)
+  -m [size=]N[K|M|G]        guest memory (default 256M; a bare number is MiB)
+  -kernel PATH              guest kernel: uncompressed ELF vmlinux or bzImage
+  -append CMDLINE           guest kernel command line
+  -initrd PATH              initial ramdisk
+  -serial stdio|file,path=P|socket,path=P,server,nowait|none
+  -qmp unix:PATH,server,nowait   QMP socket (may be repeated); also -api-channel unix:PATH
+  -drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S]
+  -device virtio-blk-device,drive=ID,id=DEV | virtio-net-device,netdev=ID,id=DEV[,mac=M]
+          | virtio-balloon-device[,deflate-on-oom=on|off]
+  -netdev tap,id=ID,ifname=TAP|fd=N
+  -config FILE.json         legacy JSON configuration (command-line values win)
+  -D [LOGFILE]              log to LOGFILE (or stderr)
+  -daemonize, -pidfile P    run in the background; write the pid to P
+  -S, -freeze               start with the vCPUs paused
+  -name NAME                VM name
+  -version, -help
+"""
+
+# Options libvirt and Kata pass to StratoVirt that do not apply here (config_guidebook §7).
+IGNORED_WITH_VALUE = {"-uuid", "-overcommit", "-sandbox", "-msg", "-rtc", "-boot", "-realtime",
+                      "-display", "-cpu", "-accel", "-object", "-global"}
+IGNORED_FLAGS = {"-no-user-config", "-nodefaults", "-nographic", "-no-shutdown", "-usb",
+                 "-enable-kvm", "-disable-seccomp", "-mem-prealloc"}
+
+
+@dataclass
+class _Builder:
+    """Collects options in command-line order before MachineConfig is frozen."""
+
+    values: dict[str, object] = field(default_factory=dict)
+    drives: dict[str, DriveConfig] = field(default_factory=dict)
+    netdevs: dict[str, NetdevConfig] = field(default_factory=dict)
+    disks: list[DriveConfig] = field(default_factory=list)
+    nics: list[NetdevConfig] = field(default_factory=list)
+    qmp_sockets: list[str] = field(default_factory=list)
+    config_file: str | None = None
+
+
+def parse_machine(text: str, builder: _Builder) -> None:
+    options = split_options(text, "-machine", positional="type")
+    reject_unknown(options, {"type", "dump-guest-core", "mem-share", "accel", "usb"}, "-machine")
+    machine_type = options.get("type", "microvm")
+    if machine_type != "microvm":
+        raise ConfigError(f"unsupported machine type '{machine_type}': only microvm is available")
+    if options.get("accel", "kvm") != "kvm":
+        raise ConfigError(f"unsupported accelerator '{options['accel']}': only kvm is available")
+    if parse_bool(options.get("mem-share", "off"), "mem-share"):
+        raise ConfigError("mem-share=on is not supported")
+    if "dump-guest-core" in options:
+        builder.values["dump_guest_core"] = parse_bool(options["dump-guest-core"],
+                                                       "dump-guest-core")
+
+
+def parse_smp(text: str) -> CpuTopology:
+    options = split_options(text, "-smp", positional="cpus")
+    reject_unknown(options, {"cpus", "maxcpus", "sockets", "dies", "clusters", "cores",
+                             "threads"}, "-smp")
+    numbers = {key: parse_int(value, f"-smp {key}") for key, value in options.items()}
+    for key in ("dies", "clusters"):
+        if numbers.pop(key, 1) != 1:
+            raise ConfigError(f"invalid -smp: {key} other than 1 is not supported on microvm")
+    if "cpus" not in numbers:
+        raise ConfigError("invalid -smp: the vCPU count is missing")
+    return CpuTopology.build(numbers["cpus"], numbers.get("maxcpus"), numbers.get("sockets"),
+                             numbers.get("cores"), numbers.get("threads"))
+
+
+def parse_memory(text: str) -> int:
+    options = split_options(text, "-m", positional="size")
+    reject_unknown(options, {"size", "maxmem"}, "-m")
+    if "size" not in options:
+        raise ConfigError("invalid -m: the memory size is missing")
+    size = check_memory_size(parse_size(options["size"], "memory size"))
+    if "maxmem" in options and parse_size(options["maxmem"], "maxmem") < size:
+        raise ConfigError("invalid -m: maxmem is smaller than the memory size")
+    return size
+
+
+def parse_drive(text: str) -> DriveConfig:
+    options = split_options(text, "-drive")
+    reject_unknown(options, {"id", "file", "readonly", "direct", "serial", "if", "format", "aio",
+                             "throttling.iops-total", "discard", "detect-zeroes", "iothread"},
+                   "-drive")
+    for key in ("id", "file"):
+        if not options.get(key):
+            raise ConfigError(f"invalid -drive: '{key}' is required")
+    if options.get("format", "raw") != "raw":
+        raise ConfigError(f"invalid -drive: format '{options['format']}' (only raw is supported)")
+    if options.get("if", "none") != "none":
+        raise ConfigError(f"invalid -drive: if='{options['if']}' (only if=none is supported)")
+    return DriveConfig(
+        id=options["id"], path=options["file"],
+        read_only=parse_bool(options.get("readonly", "off"), "readonly"),
+        direct=parse_bool(options.get("direct", "on"), "direct"),
+        serial=options.get("serial"),
+    )
+
+
+def parse_netdev(text: str) -> NetdevConfig:
+    options = split_options(text, "-netdev", positional="type")
+    reject_unknown(options, {"type", "id", "ifname", "fd", "fds", "vhost", "vhostfd", "queues"},
+                   "-netdev")
+    if options.get("type") != "tap":
+        raise ConfigError("invalid -netdev: only 'tap' backends are supported")
+    if not options.get("id"):
+        raise ConfigError("invalid -netdev: 'id' is required")
+    if parse_bool(options.get("vhost", "off"), "vhost"):
+        raise ConfigError("invalid -netdev: vhost=on is not supported")
+    fd_text = options.get("fd") or options.get("fds")
+    fd = parse_int(fd_text.split(":")[-1], "-netdev fd") if fd_text else None
+    if fd is None and not options.get("ifname"):
+        raise ConfigError("invalid -netdev: give ifname=<tap> or fd=<n>")
+    return NetdevConfig(id=options["id"], ifname=options.get("ifname"), fd=fd)
+
+
+def parse_device(text: str, builder: _Builder) -> None:
+    options = split_options(text, "-device", positional="driver")
+    driver = options.pop("driver", "")
+    if driver in ("virtio-blk-device", "virtio-blk-mmio"):
+        reject_unknown(options, {"id", "drive", "serial", "iothread", "bootindex"}, "-device")
+        drive = builder.drives.get(options.get("drive", ""))
+        if drive is None:
+            raise ConfigError(f"invalid -device {driver}: no -drive with id "
+                              f"'{options.get('drive', '')}' (give -drive before -device)")
+        if "serial" in options:
+            drive = dataclasses.replace(drive, serial=options["serial"])
+        builder.disks.append(drive)
+    elif driver in ("virtio-net-device", "virtio-net-mmio"):
+        reject_unknown(options, {"id", "netdev", "mac", "iothread"}, "-device")
+        netdev = builder.netdevs.get(options.get("netdev", ""))
+        if netdev is None:
+            raise ConfigError(f"invalid -device {driver}: no -netdev with id "
+                              f"'{options.get('netdev', '')}' (give -netdev before -device)")
+        if "mac" in options:
+            netdev = dataclasses.replace(netdev, mac=options["mac"])
+        builder.nics.append(netdev)
+    elif driver == "virtio-balloon-device":
+        reject_unknown(options, {"id", "deflate-on-oom", "free-page-reporting"}, "-device")
+        builder.values["balloon"] = BalloonConfig(
+            deflate_on_oom=parse_bool(options.get("deflate-on-oom", "off"), "deflate-on-oom"),
+            free_page_reporting=parse_bool(options.get("free-page-reporting", "off"),
+                                           "free-page-reporting"),
+        )
+    else:
+        raise ConfigError(f"unsupported -device '{driver}'")
+
+
+def _set(key: str, convert: Callable[[str], object] = str) -> Callable[[str, _Builder], None]:
+    def apply(value: str, builder: _Builder) -> None:
+        builder.values[key] = convert(value)
+    return apply
+
+
+def _add_drive(value: str, builder: _Builder) -> None:
+    drive = parse_drive(value)
+    if drive.id in builder.drives:
+        raise ConfigError(f"-drive id '{drive.id}' is used twice")
+    builder.drives[drive.id] = drive
+
+
+def _add_netdev(value: str, builder: _Builder) -> None:
+    netdev = parse_netdev(value)
+    if netdev.id in builder.netdevs:
+        raise ConfigError(f"-netdev id '{netdev.id}' is used twice")
+    builder.netdevs[netdev.id] = netdev
+
+
+def _add_qmp(option: str) -> Callable[[str, _Builder], None]:
+    def apply(value: str, builder: _Builder) -> None:
+        builder.qmp_sockets.append(parse_qmp_socket(value, option))
+    return apply
+
+
+def _set_config_file(value: str, builder: _Builder) -> None:
+    builder.config_file = value
+
+
+OPTIONS_WITH_VALUE: dict[str, Callable[[str, _Builder], None]] = {
+    "-name": _set("name"),
+    "-machine": parse_machine,
+    "-M": parse_machine,
+    "-smp": _set("topology", parse_smp),
+    "-m": _set("memory_size", parse_memory),
+    "-kernel": _set("kernel"),
+    "-append": _set("cmdline"),
+    "-initrd": _set("initrd"),
+    "-serial": _set("serial", parse_serial),
+    "-qmp": _add_qmp("-qmp"),
+    "-api-channel": _add_qmp("-api-channel"),
+    "-drive": _add_drive,
+    "-netdev": _add_netdev,
+    "-device": parse_device,
+    "-pidfile": _set("pidfile"),
+    "-config": _set_config_file,
+}
+FLAGS = {"-daemonize": "daemonize", "-S": "freeze", "-freeze": "freeze"}
+
+
+def parse_args(argv: Sequence[str]) -> MachineConfig:
+    """Parses the command line (after argv[0]) into a validated MachineConfig."""
+    builder = _Builder()
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        option = args[i]
+        # StratoVirt and QEMU accept --option as well as -option.
+        if option.startswith("--"):
+            option = option[1:]
+        i += 1
+        if option in FLAGS:
+            builder.values[FLAGS[option]] = True
+        elif option == "-D":
+            # The log file is optional: -D alone logs to stderr.
+            if i < len(args) and not args[i].startswith("-"):
+                builder.values["log_file"] = args[i]
+                i += 1
+            else:
+                builder.values["log_to_stderr"] = True
+        elif option in OPTIONS_WITH_VALUE or option in IGNORED_WITH_VALUE:
+            if i >= len(args):
+                raise ConfigError(f"option {option} needs a value")
+            value = args[i]
+            i += 1
+            if option in OPTIONS_WITH_VALUE:
+                OPTIONS_WITH_VALUE[option](value, builder)
+        elif option in IGNORED_FLAGS:
+            pass
+        else:
+            raise ConfigError(f"unknown option '{args[i - 1]}' (see -help)")
+    return _finish(builder)
+
+
+def _finish(builder: _Builder) -> MachineConfig:
+    from stratovirt_py.json_config import load_json_config
+
+    base = load_json_config(builder.config_file) if builder.config_file else MachineConfig()
+    overrides = dict(builder.values)
+    if builder.disks:
+        overrides["disks"] = tuple(builder.disks)
+    if builder.nics:
+        overrides["nics"] = tuple(builder.nics)
+    if builder.qmp_sockets:
+        overrides["qmp_sockets"] = tuple(builder.qmp_sockets)
+    return dataclasses.replace(base, **overrides).validate()  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-help", "--help", "-h") for a in args):
+        sys.stdout.write(USAGE)
+        return 0
+    if any(a in ("-version", "--version", "-V") for a in args):
+        sys.stdout.write(f"stratovirt-py {__version__}\n")
+        return 0
+    try:
+        config = parse_args(args)
+        from stratovirt_py.launcher import launch
+
+        return launch(config)
+    except MonitorError as exc:
+        sys.stderr.write(f"stratovirt-py: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 1

@@ -1,0 +1,270 @@
+"""MachineConfig: the validated, frozen description of one microVM.
+
+Both front ends (the command line in cli.py and the legacy `-config` JSON file
+in json_config.py) build a MachineConfig through the helpers here, so a value
+means the same thing and is checked the same way whichever way it came in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from stratovirt_py.errors import ConfigError
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+MIN_VCPUS = 1
+MAX_VCPUS = 254
+MIN_MEMORY = 128 * MiB
+MAX_MEMORY = 512 * GiB
+DEFAULT_MEMORY = 256 * MiB
+MAX_DISKS = 6
+MAX_NICS = 2
+
+_SIZE_SUFFIXES = {"": None, "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
+
+
+def parse_size(text: str, what: str, default_unit: int = MiB) -> int:
+    """Parses "512", "512M", "1G", "1048576K" into bytes.
+
+    A bare number is in `default_unit` (MiB on the command line, as in
+    StratoVirt; bytes in the JSON file).
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)[bB]?\s*", text)
+    if not match:
+        raise ConfigError(
+            f"invalid {what} '{text}': expected a number with an optional K/M/G suffix")
+    number, suffix = int(match.group(1)), match.group(2).lower()
+    unit = _SIZE_SUFFIXES[suffix] or default_unit
+    return number * unit
+
+
+def parse_bool(text: str, what: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("on", "true", "yes", "1"):
+        return True
+    if lowered in ("off", "false", "no", "0"):
+        return False
+    raise ConfigError(f"invalid value '{text}' for {what}: expected on or off")
+
+
+def parse_int(text: str, what: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConfigError(f"invalid {what} '{text}': expected an integer") from None
+
+
+def split_options(text: str, option: str, positional: str | None = None) -> dict[str, str]:
+    """Splits "a=1,b=2,flag" into a dict; a leading bare value goes to `positional`.
+
+    Bare words after the first become flags with the value "" (e.g. "server").
+    """
+    result: dict[str, str] = {}
+    for index, item in enumerate(text.split(",")):
+        if item == "":
+            raise ConfigError(f"invalid {option} '{text}': empty item")
+        key, sep, value = item.partition("=")
+        if not sep:
+            if index == 0 and positional is not None:
+                key, value = positional, item
+            else:
+                value = ""
+        if key in result:
+            raise ConfigError(f"invalid {option} '{text}': '{key}' given twice")
+        result[key] = value
+    return result
+
+
+def reject_unknown(options: dict[str, str], allowed: set[str], option: str) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"invalid {option}: unknown parameter '{unknown[0]}' "
+            f"(allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+@dataclass(frozen=True)
+class CpuTopology:
+    """vCPU count and topology; boot vCPUs are the first `cpus` of `max_cpus`."""
+
+    cpus: int = 1
+    max_cpus: int = 1
+    sockets: int = 1
+    cores: int = 1
+    threads: int = 1
+
+    def ids(self, index: int) -> tuple[int, int, int]:
+        """(socket, core, thread) of vCPU `index`."""
+        thread = index % self.threads
+        core = (index // self.threads) % self.cores
+        socket = index // (self.threads * self.cores)
+        return socket, core, thread
+
+    @staticmethod
+    def build(cpus: int, max_cpus: int | None = None, sockets: int | None = None,
+              cores: int | None = None, threads: int | None = None) -> CpuTopology:
+        """Fills the missing numbers the way QEMU did before 6.2 and StratoVirt's spec shows.
+
+        With only a count, every vCPU is its own socket (the spec's query-cpus
+        example: CPU 1 has socket-id 1, core-id 0).
+        """
+        max_cpus = cpus if max_cpus is None else max_cpus
+        for name, value in (("cpus", cpus), ("maxcpus", max_cpus)):
+            if not MIN_VCPUS <= value <= MAX_VCPUS:
+                raise ConfigError(f"invalid -smp: {name}={value} is out of range "
+                                  f"{MIN_VCPUS}..{MAX_VCPUS}")
+        if max_cpus < cpus:
+            raise ConfigError(f"invalid -smp: maxcpus={max_cpus} is less than cpus={cpus}")
+        for name, value in (("sockets", sockets), ("cores", cores), ("threads", threads)):
+            if value is not None and value < 1:
+                raise ConfigError(f"invalid -smp: {name} must be at least 1")
+        threads = threads or 1
+        if sockets is None and cores is None:
+            cores = 1
+        if sockets is None:
+            assert cores is not None
+            sockets = max(1, max_cpus // (cores * threads))
+        elif cores is None:
+            cores = max(1, max_cpus // (sockets * threads))
+        if sockets * cores * threads != max_cpus:
+            raise ConfigError(
+                f"invalid -smp: sockets ({sockets}) * cores ({cores}) * threads ({threads}) "
+                f"must equal maxcpus ({max_cpus})"
+            )
+        return CpuTopology(cpus, max_cpus, sockets, cores, threads)
+
+
+class SerialKind(Enum):
+    NONE = "none"
+    STDIO = "stdio"
+    FILE = "file"
+    SOCKET = "socket"
+
+
+@dataclass(frozen=True)
+class SerialConfig:
+    kind: SerialKind = SerialKind.NONE
+    path: str | None = None
+
+
+def parse_serial(text: str) -> SerialConfig:
+    """`-serial stdio | file,path=P | socket,path=P,server,nowait | none`."""
+    options = split_options(text, "-serial", positional="backend")
+    backend = options.pop("backend", "")
+    if backend in ("stdio", "none", "null"):
+        reject_unknown(options, set(), "-serial")
+        return SerialConfig(SerialKind.STDIO if backend == "stdio" else SerialKind.NONE)
+    if backend == "file":
+        reject_unknown(options, {"path"}, "-serial")
+        if not options.get("path"):
+            raise ConfigError("invalid -serial: file needs path=<file>")
+        return SerialConfig(SerialKind.FILE, options["path"])
+    if backend == "socket":
+        reject_unknown(options, {"path", "server", "nowait"}, "-serial")
+        if not options.get("path"):
+            raise ConfigError("invalid -serial: socket needs path=<unix socket path>")
+        if "server" not in options or "nowait" not in options:
+            raise ConfigError("invalid -serial: a socket serial needs 'server,nowait'")
+        return SerialConfig(SerialKind.SOCKET, options["path"])
+    raise ConfigError(
+        f"invalid -serial '{text}': expected stdio, file,path=P or socket,path=P,server,nowait"
+    )
+
+
+def parse_qmp_socket(text: str, option: str) -> str:
+    """`-qmp unix:PATH,server,nowait` or `-api-channel unix:PATH`; returns PATH."""
+    if not text.startswith("unix:"):
+        raise ConfigError(f"invalid {option} '{text}': only unix:<path> sockets are supported")
+    path, *flags = text[len("unix:"):].split(",")
+    if not path:
+        raise ConfigError(f"invalid {option} '{text}': empty socket path")
+    unknown = set(flags) - {"server", "nowait"}
+    if unknown:
+        raise ConfigError(f"invalid {option}: unknown parameter '{sorted(unknown)[0]}'")
+    if option == "-qmp" and set(flags) != {"server", "nowait"}:
+        raise ConfigError("invalid -qmp: 'server,nowait' are required (unix:<path>,server,nowait)")
+    return path
+
+
+def check_memory_size(size: int) -> int:
+    if not MIN_MEMORY <= size <= MAX_MEMORY:
+        raise ConfigError(f"invalid memory size {size} bytes: must be between 128 MiB and 512 GiB")
+    if size % (4 * KiB):
+        raise ConfigError(f"invalid memory size {size} bytes: must be a multiple of 4 KiB")
+    return size
+
+
+@dataclass(frozen=True)
+class DriveConfig:
+    """A block backend (`-drive`, JSON `drive`, or QMP blockdev-add)."""
+
+    id: str
+    path: str
+    read_only: bool = False
+    direct: bool = True
+    serial: str | None = None
+
+
+@dataclass(frozen=True)
+class NetdevConfig:
+    """A tap backend (`-netdev tap`, JSON `net`, or QMP netdev_add)."""
+
+    id: str
+    ifname: str | None = None
+    fd: int | None = None
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class BalloonConfig:
+    deflate_on_oom: bool = False
+    free_page_reporting: bool = False
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    name: str = "stratovirt-py"
+    topology: CpuTopology = field(default_factory=CpuTopology)
+    memory_size: int = DEFAULT_MEMORY
+    dump_guest_core: bool = True
+    kernel: str | None = None
+    cmdline: str = ""
+    initrd: str | None = None
+    serial: SerialConfig = field(default_factory=SerialConfig)
+    qmp_sockets: tuple[str, ...] = ()
+    disks: tuple[DriveConfig, ...] = ()
+    nics: tuple[NetdevConfig, ...] = ()
+    balloon: BalloonConfig | None = None
+    log_file: str | None = None
+    log_to_stderr: bool = False
+    daemonize: bool = False
+    pidfile: str | None = None
+    freeze: bool = False
+
+    def validate(self) -> MachineConfig:
+        """Cross-option rules; returns self so callers can chain."""
+        if self.kernel is None:
+            raise ConfigError("no kernel given: use -kernel <vmlinux or bzImage>")
+        if self.pidfile is not None and not self.daemonize:
+            raise ConfigError("-pidfile must be used with -daemonize together")
+        if self.daemonize and self.serial.kind is SerialKind.STDIO:
+            raise ConfigError("-serial stdio cannot be used with -daemonize")
+        if len(self.disks) > MAX_DISKS:
+            raise ConfigError(f"at most {MAX_DISKS} virtio-blk disks are supported")
+        if len(self.nics) > MAX_NICS:
+            raise ConfigError(f"at most {MAX_NICS} virtio-net devices are supported")
+        for kind, items in (("drive", self.disks), ("netdev", self.nics)):
+            ids = [item.id for item in items]
+            duplicates = sorted({i for i in ids if ids.count(i) > 1})
+            if duplicates:
+                raise ConfigError(f"{kind} id '{duplicates[0]}' is used twice")
+        if len(set(self.qmp_sockets)) != len(self.qmp_sockets):
+            raise ConfigError("the same QMP socket path is given twice")
+        check_memory_size(self.memory_size)
+        return self

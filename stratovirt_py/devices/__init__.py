@@ -1,0 +1,1 @@
+"""Emulated devices and the buses the vCPUs reach them through."""

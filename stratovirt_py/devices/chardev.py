@@ -1,0 +1,256 @@
+"""Console backends for the UART: none, stdio, a file, or a unix socket.
+
+Each backend takes guest output through `write` and, where it has input,
+feeds it to the UART from a thread of its own.  Output never blocks the vCPU
+for long: a socket client that stops reading loses output rather than
+stalling the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import stat
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Callable
+
+from stratovirt_py.config import SerialConfig, SerialKind
+from stratovirt_py.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+InputSink = Callable[[bytes], None]
+ESCAPE_CHAR = 0x01  # Ctrl-A, as in QEMU: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A
+
+
+class Chardev:
+    """Discards output and has no input."""
+
+    def start(self, sink: InputSink, request_quit: Callable[[], None]) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Reader(threading.Thread):
+    """Reads a file descriptor until EOF or stop, without blocking shutdown."""
+
+    def __init__(self, name: str, fd: int, on_data: Callable[[bytes], None]) -> None:
+        super().__init__(name=name, daemon=True)
+        self._fd = fd
+        self._on_data = on_data
+        self.stop_event = threading.Event()
+        self._wake_read, self._wake_write = os.pipe()
+
+    def run(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    ready, _, _ = select.select([self._fd, self._wake_read], [], [])
+                except (OSError, ValueError):
+                    return
+                if self._wake_read in ready:
+                    return
+                try:
+                    data = os.read(self._fd, 4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                self._on_data(data)
+        finally:
+            os.close(self._wake_read)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"x")
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=1)
+        with contextlib.suppress(OSError):
+            os.close(self._wake_write)
+
+
+class StdioChardev(Chardev):
+    """The monitor's own terminal: raw mode while running, restored at exit."""
+
+    def __init__(self) -> None:
+        self._saved_tty: list | None = None
+        self._reader: _Reader | None = None
+        self._escape_pending = False
+
+    def start(self, sink: InputSink, request_quit: Callable[[], None]) -> None:
+        stdin = sys.stdin.fileno() if sys.stdin is not None else -1
+        if stdin < 0:
+            return
+        if os.isatty(stdin):
+            self._saved_tty = termios.tcgetattr(stdin)
+            # Raw input so the guest sees every key (Ctrl-C included); output
+            # post-processing stays on so the guest's \r\n looks right.
+            tty.setraw(stdin, termios.TCSANOW)
+            attrs = termios.tcgetattr(stdin)
+            attrs[1] |= termios.OPOST | termios.ONLCR
+            termios.tcsetattr(stdin, termios.TCSANOW, attrs)
+
+        def on_input(data: bytes) -> None:
+            sink(self._filter_escape(data, request_quit))
+
+        self._reader = _Reader("serial-stdin", stdin, on_input)
+        self._reader.start()
+
+    def _filter_escape(self, data: bytes, request_quit: Callable[[], None]) -> bytes:
+        out = bytearray()
+        for byte in data:
+            if self._escape_pending:
+                self._escape_pending = False
+                if byte in (ord("x"), ord("X")):
+                    request_quit()
+                    continue
+                if byte != ESCAPE_CHAR:
+                    out.append(ESCAPE_CHAR)
+                out.append(byte)
+            elif byte == ESCAPE_CHAR and self._saved_tty is not None:
+                self._escape_pending = True
+            else:
+                out.append(byte)
+        return bytes(out)
+
+    def write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            os.write(1, data)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+        if self._saved_tty is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved_tty)
+            self._saved_tty = None
+
+
+class FileChardev(Chardev):
+    """Appends guest output to a file."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot open serial file '{path}': {exc.strerror}") from None
+
+    def write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._fd, data)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def create_unix_listener(path: str, what: str) -> socket.socket:
+    """Binds a unix socket at `path` (which must not exist) with mode 0600."""
+    if os.path.lexists(path):
+        raise ConfigError(f"{what} '{path}' already exists: remove it or choose another path")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(f"cannot create {what} '{path}': {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    listener.listen(8)
+    return listener
+
+
+def remove_socket_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
+class SocketChardev(Chardev):
+    """A unix socket server; one client at a time gets the console."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._listener = create_unix_listener(path, "serial socket")
+        self._client: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, sink: InputSink, request_quit: Callable[[], None]) -> None:
+        self._thread = threading.Thread(target=self._serve, args=(sink,), name="serial-socket",
+                                        daemon=True)
+        self._thread.start()
+
+    def _serve(self, sink: InputSink) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            client.setblocking(True)
+            with self._lock:
+                self._client = client
+            try:
+                while True:
+                    data = client.recv(4096)
+                    if not data:
+                        break
+                    sink(data)
+            except OSError:
+                pass
+            finally:
+                with self._lock:
+                    self._client = None
+                client.close()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            client = self._client
+            if client is None:
+                return
+            try:
+                # A client that does not read must not stall the vCPU.
+                client.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            except OSError:
+                with contextlib.suppress(OSError):
+                    client.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            if self._client is not None:
+                with contextlib.suppress(OSError):
+                    self._client.shutdown(socket.SHUT_RDWR)
+        remove_socket_file(self._path)
+
+
+def create_chardev(config: SerialConfig) -> Chardev:
+    if config.kind is SerialKind.STDIO:
+        return StdioChardev()
+    if config.kind is SerialKind.FILE:
+        assert config.path is not None
+        return FileChardev(config.path)
+    if config.kind is SerialKind.SOCKET:
+        assert config.path is not None
+        return SocketChardev(config.path)
+    return Chardev()

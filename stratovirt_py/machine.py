@@ -1,0 +1,262 @@
+"""MicroVM: builds the x86_64 microvm from a MachineConfig and runs its lifecycle.
+
+Lifecycle states use QMP's RunState names.  The vCPU threads report guest
+exits here; the control plane (the asyncio loop in launcher.py, and QMP)
+waits for `exited` and asks for pause, resume and shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from stratovirt_py.arch.x86_64 import layout
+from stratovirt_py.arch.x86_64.boot_params import build_zero_page
+from stratovirt_py.arch.x86_64.cpu_topology import apic_ids
+from stratovirt_py.arch.x86_64.cpuid import vcpu_cpuid
+from stratovirt_py.arch.x86_64.e820 import build_e820
+from stratovirt_py.arch.x86_64.host_quirks import host_cmdline_additions, host_is_pvm
+from stratovirt_py.arch.x86_64.loader import LoadedKernel, load_initrd, load_kernel
+from stratovirt_py.arch.x86_64.mptable import (
+    CONFIG_TABLE_ADDR,
+    FLOATING_POINTER_ADDR,
+    build_mptable,
+)
+from stratovirt_py.arch.x86_64.registers import (
+    setup_entry_regs,
+    setup_long_mode_sregs,
+    write_boot_tables,
+)
+from stratovirt_py.config import MachineConfig
+from stratovirt_py.devices.bus import Bus
+from stratovirt_py.devices.chardev import Chardev, create_chardev
+from stratovirt_py.devices.i8042 import I8042
+from stratovirt_py.devices.serial import Serial
+from stratovirt_py.errors import BootError, MonitorError
+from stratovirt_py.kvm import Kvm, KvmError, Vcpu, Vm, ffi, lib
+from stratovirt_py.memory import GuestMemory
+from stratovirt_py.vcpu import GuestExit, GuestExitKind, VcpuThread, install_kick_handler
+
+log = logging.getLogger(__name__)
+
+# Linux x86 keeps at most COMMAND_LINE_SIZE (2048) bytes, NUL included.
+KERNEL_CMDLINE_LIMIT = 2048
+PAUSE_TIMEOUT = 2.0
+REQUIRED_CAPS = ("KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_IOEVENTFD", "KVM_CAP_IRQFD",
+                 "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_PIT2")
+LAPIC_LVT0 = 0x350
+LAPIC_LVT1 = 0x360
+DELIVERY_MODE_EXTINT = 0x7
+DELIVERY_MODE_NMI = 0x4
+
+
+class RunState(enum.Enum):
+    PRELAUNCH = "prelaunch"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal-error"
+
+
+@dataclass(frozen=True)
+class ExitRequest:
+    """How and why the monitor process ends."""
+
+    status: int
+    guest: bool
+    reason: str  # QMP ShutdownCause
+    message: str
+
+
+EventListener = Callable[[str, dict[str, Any]], None]
+
+
+class MicroVM:
+    def __init__(self, config: MachineConfig, loop: asyncio.AbstractEventLoop,
+                 is_pvm: bool | None = None) -> None:
+        self.config = config
+        self._loop = loop
+        self._is_pvm = host_is_pvm() if is_pvm is None else is_pvm
+        self.state = RunState.PRELAUNCH
+        self.exited: asyncio.Future[ExitRequest] = loop.create_future()
+        self.event_listeners: list[EventListener] = []
+        self.kvm: Kvm | None = None
+        self.vm: Vm | None = None
+        self.memory: GuestMemory | None = None
+        self.vcpu_threads: list[VcpuThread] = []
+        self.pio_bus = Bus("port I/O")
+        self.mmio_bus = Bus("MMIO", unclaimed_log_level=logging.WARNING)
+        self.chardev: Chardev = Chardev()
+        self.serial: Serial | None = None
+        self.cmdline = ""
+        self._exit_lock = threading.Lock()
+        self._exit_claimed = False
+
+    # Construction.
+
+    def build(self) -> None:
+        config = self.config
+        try:
+            self.kvm = Kvm()
+        except KvmError as exc:
+            raise MonitorError(f"cannot use KVM: {exc}") from None
+        for cap in REQUIRED_CAPS:
+            if not self.kvm.check_extension(getattr(lib, cap)):
+                raise MonitorError(f"KVM on this host lacks {cap}")
+        vm = self.vm = self.kvm.create_vm()
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+
+        memory = self.memory = GuestMemory(config.memory_size, config.dump_guest_core)
+        for slot, region in enumerate(memory.regions):
+            vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+
+        assert config.kernel is not None
+        kernel = load_kernel(memory, config.kernel)
+        initrd = load_initrd(memory, config.initrd, kernel) if config.initrd else None
+        self.cmdline = self._guest_cmdline()
+        self._write_cmdline(kernel)
+        e820 = build_e820([(r.guest_addr, r.size) for r in memory.regions])
+        memory.write(layout.ZERO_PAGE_ADDR,
+                     build_zero_page(e820, len(self.cmdline), kernel.setup_header, initrd))
+        pointer, table = build_mptable(apic_ids(config.topology), config.topology.cpus)
+        memory.write(FLOATING_POINTER_ADDR, pointer)
+        memory.write(CONFIG_TABLE_ADDR, table)
+        write_boot_tables(memory)
+
+        self._build_legacy_devices()
+        install_kick_handler()
+        supported_cpuid = self.kvm.supported_cpuid()
+        for index in range(config.topology.cpus):
+            vcpu = vm.create_vcpu(index)
+            vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, config.topology, index))
+            self._setup_lapic(vcpu)
+            if index == 0:
+                self._setup_boot_vcpu(vcpu, kernel)
+            self.vcpu_threads.append(VcpuThread(vcpu, memory, self.pio_bus, self.mmio_bus,
+                                                self._on_guest_exit))
+        log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
+                 config.topology.cpus, config.memory_size >> 20, config.kernel, self.cmdline)
+
+    def _guest_cmdline(self) -> str:
+        parts = [self.config.cmdline.strip()]
+        extra = host_cmdline_additions(self.config.cmdline, self._is_pvm)
+        if extra:
+            log.info("kvm_pvm host: adding '%s' to the guest command line", extra)
+            parts.append(extra)
+        return " ".join(p for p in parts if p)
+
+    def _write_cmdline(self, kernel: LoadedKernel) -> None:
+        assert self.memory is not None
+        encoded = self.cmdline.encode()
+        limit = KERNEL_CMDLINE_LIMIT
+        if kernel.setup_header is not None:
+            limit = struct.unpack_from("<I", kernel.setup_header, 0x238 - 0x1F1)[0] + 1
+        if len(encoded) + 1 > min(limit, layout.CMDLINE_MAX_SIZE):
+            raise BootError(f"the guest command line is {len(encoded)} bytes; this kernel "
+                            f"accepts at most {limit - 1}")
+        self.memory.write(layout.CMDLINE_ADDR, encoded + b"\0")
+
+    def _build_legacy_devices(self) -> None:
+        assert self.vm is not None
+        vm = self.vm
+        self.chardev = create_chardev(self.config.serial)
+        self.serial = Serial(self.chardev.write,
+                             lambda level: vm.set_irq_line(layout.SERIAL_IRQ, int(level)))
+        self.pio_bus.insert(layout.SERIAL_PORT_BASE, 8, self.serial)
+        self.pio_bus.insert(0x60, 5, I8042(self._on_guest_reset))
+
+    def _setup_lapic(self, vcpu: Vcpu) -> None:
+        # LINT0 takes the PIC's ExtINT and LINT1 the NMI, as PC firmware leaves them.
+        state = vcpu.get_lapic()
+        registers = ffi.buffer(state.regs)
+        for offset, mode in ((LAPIC_LVT0, DELIVERY_MODE_EXTINT), (LAPIC_LVT1, DELIVERY_MODE_NMI)):
+            value = struct.unpack_from("<I", registers, offset)[0]
+            struct.pack_into("<I", registers, offset, (value & ~0x700) | (mode << 8))
+        vcpu.set_lapic(state)
+
+    def _setup_boot_vcpu(self, vcpu: Vcpu, kernel: LoadedKernel) -> None:
+        sregs = vcpu.get_sregs()
+        setup_long_mode_sregs(sregs)
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        setup_entry_regs(regs, kernel.entry)
+        vcpu.set_regs(regs)
+
+    # Lifecycle.
+
+    def start(self) -> None:
+        paused = self.config.freeze
+        for thread in self.vcpu_threads:
+            thread.start(paused=paused)
+        self.chardev.start(self._feed_console, self.request_quit_from_console)
+        self.state = RunState.PRELAUNCH if paused else RunState.RUNNING
+        log.info("VM started%s", " paused (-S)" if paused else "")
+
+    def _feed_console(self, data: bytes) -> None:
+        if self.serial is not None:
+            self.serial.feed_input(data)
+
+    def pause(self) -> bool:
+        """Stops every vCPU; True once all are parked outside KVM_RUN."""
+        for thread in self.vcpu_threads:
+            thread.request_pause()
+        deadline = time.monotonic() + PAUSE_TIMEOUT
+        parked = all(t.wait_parked(max(0.0, deadline - time.monotonic()))
+                     for t in self.vcpu_threads)
+        if parked:
+            self.state = RunState.PAUSED
+        return parked
+
+    def resume(self) -> None:
+        for thread in self.vcpu_threads:
+            thread.resume()
+        self.state = RunState.RUNNING
+
+    def emit_event(self, name: str, data: dict[str, Any]) -> None:
+        for listener in list(self.event_listeners):
+            listener(name, data)
+
+    def request_exit(self, request: ExitRequest) -> None:
+        """Ends the VM; the first request wins.  Safe from any thread."""
+        with self._exit_lock:
+            if self._exit_claimed:
+                return
+            self._exit_claimed = True
+        self._loop.call_soon_threadsafe(self._finish_exit, request)
+
+    def _finish_exit(self, request: ExitRequest) -> None:
+        self.state = RunState.INTERNAL_ERROR if request.status else RunState.SHUTDOWN
+        if not self.exited.done():
+            self.exited.set_result(request)
+
+    def request_quit_from_console(self) -> None:
+        self.request_exit(ExitRequest(0, False, "host-ui", "quit requested from the console"))
+
+    def _on_guest_reset(self) -> None:
+        self.request_exit(ExitRequest(0, True, "guest-reset", "guest requested a reset"))
+
+    def _on_guest_exit(self, guest_exit: GuestExit) -> None:
+        if guest_exit.kind is GuestExitKind.FATAL:
+            self.request_exit(ExitRequest(1, True, "guest-panic", guest_exit.message))
+        elif guest_exit.kind is GuestExitKind.POWER_OFF:
+            self.request_exit(ExitRequest(0, True, "guest-shutdown", guest_exit.message))
+        else:
+            self.request_exit(ExitRequest(0, True, "guest-reset", guest_exit.message))
+
+    def destroy(self) -> None:
+        """Stops the vCPUs and releases host resources; idempotent."""
+        for thread in self.vcpu_threads:
+            thread.stop()
+        for thread in self.vcpu_threads:
+            thread.join(timeout=2.0)
+        self.chardev.close()
