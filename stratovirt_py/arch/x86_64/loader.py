@@ -46,7 +46,10 @@ def read_file(path: str, what: str) -> bytes:
 def _place(memory: GuestMemory, addr: int, data: bytes | memoryview, what: str,
            span: int | None = None) -> None:
     span = len(data) if span is None else span
-    if addr < layout.HIGH_MEMORY_START or not memory.contains(addr, max(span, 1)):
+    if addr < layout.HIGH_MEMORY_START:
+        raise BootError(f"{what} would load at {addr:#x}, below 1 MiB where the boot structures "
+                        f"live: this is not a kernel for a 64-bit direct boot")
+    if not memory.contains(addr, max(span, 1)):
         raise BootError(f"{what} does not fit in guest memory at {addr:#x} (+{span:#x} bytes): "
                         f"give the VM more memory")
     memory.write(addr, data)

@@ -1,0 +1,76 @@
+"""The 16550 UART's registers as Linux's 8250 driver uses them."""
+
+from stratovirt_py.devices import serial as uart
+from stratovirt_py.devices.serial import Serial
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.irq_levels: list[bool] = []
+        self.uart = Serial(self.output.extend, self.irq_levels.append)
+
+    def read(self, offset: int) -> int:
+        return self.uart.read(offset, 1)
+
+    def write(self, offset: int, value: int) -> None:
+        self.uart.write(offset, 1, value)
+
+
+def test_transmit_goes_to_the_backend():
+    h = Harness()
+    for byte in b"hello\n":
+        assert h.read(uart.LSR) & uart.LSR_THR_EMPTY
+        h.write(uart.DATA, byte)
+    assert bytes(h.output) == b"hello\n"
+    assert h.irq_levels == []  # no interrupt without IER
+
+
+def test_scratch_register_and_divisor_latch():
+    h = Harness()
+    h.write(uart.SCR, 0xA5)
+    assert h.read(uart.SCR) == 0xA5
+    h.write(uart.LCR, 0x83)
+    h.write(uart.DATA, 0x01)
+    h.write(uart.IER, 0x00)
+    assert (h.read(uart.DATA), h.read(uart.IER)) == (0x01, 0x00)
+    h.write(uart.LCR, 0x03)
+    assert h.output == b""  # divisor writes are not data
+
+
+def test_loopback_reflects_modem_lines_and_data():
+    h = Harness()
+    h.write(uart.MCR, uart.MCR_LOOP | 0x0A)  # RTS | OUT2, as Linux's probe does
+    assert h.read(uart.MSR) & 0xF0 == 0x90
+    h.write(uart.DATA, 0x55)
+    assert h.read(uart.LSR) & uart.LSR_DATA_READY
+    assert h.read(uart.DATA) == 0x55
+    assert h.output == b""
+    h.write(uart.MCR, 0)
+    assert h.read(uart.MSR) & 0xB0 == 0xB0  # DCD, DSR, CTS without loopback
+
+
+def test_thr_empty_interrupt_raised_on_enable_and_cleared_by_iir():
+    h = Harness()
+    h.write(uart.IER, uart.IER_THRI)
+    assert h.irq_levels == [True]
+    assert h.read(uart.IIR) & 0x0F == uart.IIR_THRI
+    assert h.irq_levels == [True, False]
+    assert h.read(uart.IIR) & 0x0F == uart.IIR_NONE
+    h.write(uart.DATA, ord("x"))  # the transmitter empties again at once
+    assert h.irq_levels == [True, False, True]
+
+
+def test_receive_interrupt_and_fifo_bits():
+    h = Harness()
+    h.write(uart.IIR, uart.FCR_ENABLE_FIFO)
+    h.write(uart.IER, uart.IER_RDI)
+    assert h.read(uart.IIR) == 0xC1
+    h.uart.feed_input(b"ab")
+    assert h.irq_levels == [True]
+    assert h.read(uart.IIR) == 0xC4
+    assert h.read(uart.DATA) == ord("a")
+    assert h.read(uart.DATA) == ord("b")
+    assert h.irq_levels == [True, False]
+    assert not h.read(uart.LSR) & uart.LSR_DATA_READY
+    assert h.read(uart.DATA) == 0  # empty FIFO reads as zero
