@@ -1,0 +1,25 @@
+/*
+ * What the guest does after its boot report, chosen by svtest.action= on the
+ * command line.  Each action ends the run itself (reset, fault, halt or loop).
+ * New test drivers (virtio-mmio block/net, hostile guest) add an entry to the
+ * table in main.c and a function here or in their own file.
+ */
+#ifndef SVTEST_ACTIONS_H
+#define SVTEST_ACTIONS_H
+
+#define NORETURN __attribute__((noreturn))
+
+/* Prints "svtest: done" and resets. */
+NORETURN void finish(void);
+
+NORETURN void action_reboot(void);
+NORETURN void action_triple_fault(void);
+NORETURN void action_halt_loop(void);
+NORETURN void action_spin(void);
+NORETURN void action_echo(void);
+NORETURN void action_bad_mmio_write(void);
+NORETURN void action_bad_mmio_read(void);
+NORETURN void action_popcnt(void);
+NORETURN void action_selftest(void); /* selftest.c */
+
+#endif
