@@ -16,6 +16,7 @@ from stratovirt_py.config import MachineConfig
 from stratovirt_py.errors import ConfigError, MonitorError
 from stratovirt_py.kvm import KvmError
 from stratovirt_py.machine import ExitRequest, MicroVM
+from stratovirt_py.qmp.server import QmpServer
 
 log = logging.getLogger("stratovirt_py")
 
@@ -148,14 +149,20 @@ def launch(config: MachineConfig) -> int:
 def _run(config: MachineConfig, ready_pipe: int | None) -> int:
     loop = asyncio.new_event_loop()
     machine = MicroVM(config, loop)
+    qmp: QmpServer | None = None
     try:
         with pidfile(config.pidfile):
+            # Sockets first: a path that exists is refused before any VM work.
+            qmp = QmpServer(machine, loop, config.qmp_sockets)
+            machine.event_listeners.append(qmp.broadcast_event)
             machine.build()
             for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.add_signal_handler(signo, _on_signal, machine, signo)
+            qmp.start()
             machine.start()
             _report_to_parent(ready_pipe, b"ready")
             request = loop.run_until_complete(machine.exited)
+            machine.emit_event("SHUTDOWN", {"guest": request.guest, "reason": request.reason})
             if request.status:
                 log.error("%s", request.message)
                 if config.log_file and ready_pipe is None:
@@ -166,6 +173,8 @@ def _run(config: MachineConfig, ready_pipe: int | None) -> int:
             return request.status
     finally:
         machine.destroy()
+        if qmp is not None:
+            qmp.close()
         loop.close()
 
 

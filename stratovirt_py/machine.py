@@ -202,6 +202,9 @@ class MicroVM:
         self.state = RunState.PRELAUNCH if paused else RunState.RUNNING
         log.info("VM started%s", " paused (-S)" if paused else "")
 
+    def vcpu_thread_ids(self) -> list[int | None]:
+        return [thread.thread_id for thread in self.vcpu_threads]
+
     def _feed_console(self, data: bytes) -> None:
         if self.serial is not None:
             self.serial.feed_input(data)
@@ -226,6 +229,10 @@ class MicroVM:
         for listener in list(self.event_listeners):
             listener(name, data)
 
+    @property
+    def exit_pending(self) -> bool:
+        return self._exit_claimed
+
     def request_exit(self, request: ExitRequest) -> None:
         """Ends the VM; the first request wins.  Safe from any thread."""
         with self._exit_lock:
@@ -247,7 +254,7 @@ class MicroVM:
 
     def _on_guest_exit(self, guest_exit: GuestExit) -> None:
         if guest_exit.kind is GuestExitKind.FATAL:
-            self.request_exit(ExitRequest(1, True, "guest-panic", guest_exit.message))
+            self.request_exit(ExitRequest(1, False, "host-error", guest_exit.message))
         elif guest_exit.kind is GuestExitKind.POWER_OFF:
             self.request_exit(ExitRequest(0, True, "guest-shutdown", guest_exit.message))
         else:

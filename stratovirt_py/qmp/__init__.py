@@ -1,0 +1,1 @@
+"""QMP: the management protocol on unix sockets."""
