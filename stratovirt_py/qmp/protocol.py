@@ -18,6 +18,7 @@ MAX_MESSAGE_BYTES = 1 << 20
 MAX_NESTING = 1024
 WHITESPACE = b" \t\r\n"
 STRUCTURAL = b"{}[]:,"
+RESYNC_BYTES = frozenset(set(range(0x20)) - set(WHITESPACE)) | {0xFE, 0xFF}
 
 
 class QmpError(Exception):
@@ -57,6 +58,14 @@ class JsonStreamSplitter:
         out: list[bytes | ParseFailure] = []
         value = self._value
         for byte in data:
+            if byte in RESYNC_BYTES:
+                # Never valid in JSON: the QMP spec's way to reset the parser.
+                if value or self._depth:
+                    out.append(ParseFailure("JSON parse error, invalid control character"))
+                    value.clear()
+                    self._depth = 0
+                    self._bare = self._in_string = self._escape = self._too_deep = False
+                continue
             if self._in_string:
                 value.append(byte)
                 if self._escape:
@@ -95,8 +104,6 @@ class JsonStreamSplitter:
         """Handles a byte between values."""
         if byte in WHITESPACE:
             return
-        if byte < 0x20 or byte >= 0xFE:
-            return  # a client's request to resynchronise the parser (QMP spec)
         self._value.append(byte)
         if byte in b"{[":
             self._depth = 1

@@ -38,7 +38,7 @@ READ_CHUNK = 65536
 MAX_FDS_PER_MESSAGE = 16
 MAX_QUEUED_FDS = 64
 # A client that lets this much output pile up is not reading: drop it.
-MAX_PENDING_OUTPUT = 8 << 20
+MAX_PENDING_OUTPUT = 4 << 20
 FLUSH_AT_EXIT_SECONDS = 2.0
 
 
@@ -139,11 +139,11 @@ class Connection:
         except QmpError as exc:
             self.send(error_message(exc))
             return
-        reply = dispatch(self.server.machine, self, request)
         # Events start flowing once the client has spoken (spec: commands may
-        # come straight after the greeting, so qmp_capabilities is optional).
+        # come straight after the greeting, so qmp_capabilities is optional),
+        # in time for the STOP that its own first command may cause.
         self.events_enabled = True
-        self.send(reply)
+        self.send(dispatch(self.server.machine, self, request))
 
     def close(self) -> None:
         if self.closed:
