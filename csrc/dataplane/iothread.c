@@ -1,0 +1,91 @@
+#include "iothread.h"
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#define MAX_EVENTS 32
+
+static void *run(void *arg)
+{
+    struct svpy_iothread *thread = arg;
+    struct epoll_event events[MAX_EVENTS];
+
+    for (;;) {
+        int count = epoll_wait(thread->epoll_fd, events, MAX_EVENTS, -1);
+
+        if (count < 0) {
+            if (errno == EINTR)
+                continue;
+            return NULL;
+        }
+        for (int i = 0; i < count; i++) {
+            struct svpy_watch *watch = events[i].data.ptr;
+
+            if (!watch)
+                return NULL; /* the stop eventfd */
+            watch->handler(watch->context);
+        }
+    }
+}
+
+int svpy_iothread_start(struct svpy_iothread *thread)
+{
+    struct epoll_event event;
+    int ret;
+
+    memset(&event, 0, sizeof(event));
+    thread->running = 0;
+    thread->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (thread->epoll_fd < 0)
+        return -errno;
+    thread->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (thread->stop_fd < 0) {
+        ret = -errno;
+        close(thread->epoll_fd);
+        return ret;
+    }
+    event.events = EPOLLIN;
+    event.data.ptr = NULL;
+    if (epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, thread->stop_fd, &event) < 0) {
+        ret = -errno;
+        goto fail;
+    }
+    ret = -pthread_create(&thread->thread, NULL, run, thread);
+    if (ret)
+        goto fail;
+    pthread_setname_np(thread->thread, "iothread");
+    thread->running = 1;
+    return 0;
+fail:
+    close(thread->stop_fd);
+    close(thread->epoll_fd);
+    return ret;
+}
+
+int svpy_iothread_watch(struct svpy_iothread *thread, struct svpy_watch *watch)
+{
+    struct epoll_event event;
+
+    memset(&event, 0, sizeof(event));
+    event.events = EPOLLIN;
+    event.data.ptr = watch;
+    return epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, watch->fd, &event) < 0 ? -errno : 0;
+}
+
+void svpy_iothread_stop(struct svpy_iothread *thread)
+{
+    uint64_t one = 1;
+
+    if (!thread->running)
+        return;
+    if (write(thread->stop_fd, &one, sizeof(one)) < 0)
+        return; /* cannot happen on a fresh eventfd; never join a thread we could not wake */
+    pthread_join(thread->thread, NULL);
+    thread->running = 0;
+    close(thread->stop_fd);
+    close(thread->epoll_fd);
+}

@@ -1,0 +1,28 @@
+/* An I/O thread: epoll over device kick eventfds (ioeventfds), calling each
+ * device's C handler without the GIL. */
+#ifndef SVPY_IOTHREAD_H
+#define SVPY_IOTHREAD_H
+
+#include <pthread.h>
+
+typedef void (*svpy_handler_fn)(void *context);
+
+struct svpy_watch {
+    int fd;
+    svpy_handler_fn handler;
+    void *context;
+};
+
+struct svpy_iothread {
+    int epoll_fd;
+    int stop_fd;
+    int running;
+    pthread_t thread;
+};
+
+int svpy_iothread_start(struct svpy_iothread *thread);
+/* The watch must stay valid until svpy_iothread_stop has returned. */
+int svpy_iothread_watch(struct svpy_iothread *thread, struct svpy_watch *watch);
+void svpy_iothread_stop(struct svpy_iothread *thread);
+
+#endif

@@ -1,0 +1,122 @@
+"""cffi (API mode) build script for the C data plane (csrc/dataplane/).
+
+Python only configures these structs (queue addresses, backend fds, features)
+and reads a few fields (interrupt status, broken, statistics); every
+per-request path runs in C on the I/O thread, without the GIL.
+"""
+
+import os
+from pathlib import Path
+
+from cffi import FFI
+
+DATAPLANE = Path(__file__).resolve().parent / "dataplane"
+SOURCES = ["virtqueue.c", "virtio_device.c", "iothread.c", "virtio_blk.c"]
+
+CDEF = """
+struct iovec { void *iov_base; size_t iov_len; };
+
+#define SVPY_MAX_MEM_REGIONS ...
+#define SVPY_VQ_MAX_SIZE ...
+#define SVPY_CHAIN_MAX_SEGMENTS ...
+#define SVPY_BLK_ID_BYTES ...
+#define SVPY_INT_VRING ...
+#define SVPY_INT_CONFIG ...
+
+struct svpy_mem_region { uint64_t gpa; uint64_t size; uint8_t *hva; };
+struct svpy_guest_memory { uint32_t count; struct svpy_mem_region regions[4]; };
+
+struct svpy_virtqueue {
+    uint16_t size;
+    uint8_t event_idx;
+    uint8_t indirect;
+    uint64_t desc_gpa;
+    uint64_t avail_gpa;
+    uint64_t used_gpa;
+    uint8_t active;
+    uint16_t last_avail_idx;
+    uint16_t used_idx;
+    ...;
+};
+
+struct svpy_chain {
+    uint16_t head;
+    uint16_t readable;
+    uint16_t writable;
+    uint64_t readable_bytes;
+    uint64_t writable_bytes;
+    struct iovec iov[];
+    ...;
+};
+
+struct svpy_virtio_shared {
+    uint32_t interrupt_status;
+    int32_t broken;
+    int irqfd;
+    int error_fd;
+    ...;
+};
+
+struct svpy_blk_stats {
+    uint64_t requests;
+    uint64_t read_bytes;
+    uint64_t written_bytes;
+    uint64_t errors;
+};
+
+struct svpy_blk {
+    struct svpy_virtio_shared shared;
+    struct svpy_virtqueue vq;
+    int fd;
+    int buffered_fd;
+    uint64_t capacity;
+    uint8_t read_only;
+    uint8_t discard;
+    uint8_t write_zeroes;
+    char serial[20];
+    struct svpy_blk_stats stats;
+    ...;
+};
+
+struct svpy_iothread { ...; };
+
+int svpy_vq_activate(struct svpy_virtqueue *vq, const struct svpy_guest_memory *mem);
+void svpy_vq_deactivate(struct svpy_virtqueue *vq);
+int svpy_vq_pop(struct svpy_virtqueue *vq, const struct svpy_guest_memory *mem,
+                struct svpy_chain *chain);
+void svpy_vq_push(struct svpy_virtqueue *vq, uint16_t head, uint32_t written);
+bool svpy_vq_enable_notify(struct svpy_virtqueue *vq);
+bool svpy_vq_should_interrupt(struct svpy_virtqueue *vq);
+const char *svpy_vq_error_name(int error);
+
+void svpy_raise_interrupt(struct svpy_virtio_shared *shared, uint32_t cause);
+uint32_t svpy_read_interrupt_status(struct svpy_virtio_shared *shared);
+void svpy_ack_interrupt(struct svpy_virtio_shared *shared, uint32_t bits);
+void svpy_mark_broken(struct svpy_virtio_shared *shared, int error);
+void svpy_lock(struct svpy_virtio_shared *shared);
+void svpy_unlock(struct svpy_virtio_shared *shared);
+void svpy_shared_destroy(struct svpy_virtio_shared *shared);
+
+int svpy_iothread_start(struct svpy_iothread *thread);
+void svpy_iothread_stop(struct svpy_iothread *thread);
+
+int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int irqfd,
+                  int error_fd, int kick_fd);
+int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread);
+void svpy_blk_process(struct svpy_blk *blk);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "stratovirt_py._dataplane",
+    '#include <sys/uio.h>\n#include "virtio_blk.h"\n',
+    # setuptools insists on paths relative to the project root.
+    sources=[os.path.relpath(DATAPLANE / name) for name in SOURCES],
+    include_dirs=[os.path.relpath(DATAPLANE)],
+    extra_compile_args=["-Wall", "-Wextra", "-O2", "-D_GNU_SOURCE"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(DATAPLANE.parent.parent / "build" / "cffi"), verbose=False)

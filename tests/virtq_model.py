@@ -1,0 +1,107 @@
+"""Synthetic guest memory with split virtqueues, for testing the C data plane without KVM."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from stratovirt_py._dataplane import ffi, lib
+
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+GUARD = 4096
+CANARY = 0xA5
+
+
+@dataclass
+class Layout:
+    desc: int
+    avail: int
+    used: int
+
+
+class SyntheticGuest:
+    """`size` bytes of guest RAM at guest address `base`, with guard bytes around it."""
+
+    def __init__(self, size: int = 1 << 20, base: int = 0x10000) -> None:
+        self.base = base
+        self.size = size
+        self.backing = bytearray([CANARY]) * (size + 2 * GUARD)
+        self.backing[GUARD:GUARD + size] = bytes(size)
+        self._pointer = ffi.from_buffer(self.backing)
+        self.mem = ffi.new("struct svpy_guest_memory *")
+        self.mem.count = 1
+        self.mem.regions[0].gpa = base
+        self.mem.regions[0].size = size
+        self.mem.regions[0].hva = ffi.cast("uint8_t *", self._pointer) + GUARD
+        self.host_start = int(ffi.cast("uintptr_t", self.mem.regions[0].hva))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        offset = GUARD + gpa - self.base
+        assert offset >= GUARD and offset + len(data) <= GUARD + self.size
+        self.backing[offset:offset + len(data)] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        offset = GUARD + gpa - self.base
+        return bytes(self.backing[offset:offset + length])
+
+    def guards_intact(self) -> bool:
+        return (all(b == CANARY for b in self.backing[:GUARD])
+                and all(b == CANARY for b in self.backing[GUARD + self.size:]))
+
+    def iov_inside(self, iov) -> bool:
+        start = int(ffi.cast("uintptr_t", iov.iov_base))
+        return self.host_start <= start and start + iov.iov_len <= self.host_start + self.size
+
+    def gpa_of(self, pointer) -> int:
+        return int(ffi.cast("uintptr_t", pointer)) - self.host_start + self.base
+
+
+class Queue:
+    """A driver-side view of one split virtqueue in a SyntheticGuest."""
+
+    def __init__(self, guest: SyntheticGuest, size: int = 16, at: int | None = None,
+                 event_idx: bool = False, indirect: bool = True) -> None:
+        self.guest = guest
+        self.size = size
+        start = guest.base if at is None else at
+        self.layout = Layout(desc=start, avail=start + 16 * size,
+                             used=(start + 16 * size + 6 + 2 * size + 3) & ~3)
+        self.vq = ffi.new("struct svpy_virtqueue *")
+        self.vq.size = size
+        self.vq.event_idx = int(event_idx)
+        self.vq.indirect = int(indirect)
+        self.vq.desc_gpa = self.layout.desc
+        self.vq.avail_gpa = self.layout.avail
+        self.vq.used_gpa = self.layout.used
+        self.avail_idx = 0
+        self.data_area = (self.layout.used + 6 + 8 * size + 4 + 4095) & ~4095
+
+    def activate(self) -> int:
+        return lib.svpy_vq_activate(self.vq, self.guest.mem)
+
+    def set_desc(self, index: int, addr: int, length: int, flags: int = 0, next_: int = 0,
+                 table: int | None = None) -> None:
+        base = self.layout.desc if table is None else table
+        self.guest.write(base + 16 * index, struct.pack("<QIHH", addr, length, flags, next_))
+
+    def publish(self, head: int, advance: int = 1) -> None:
+        self.guest.write(self.layout.avail + 4 + 2 * (self.avail_idx % self.size),
+                         struct.pack("<H", head))
+        self.avail_idx = (self.avail_idx + advance) & 0xFFFF
+        self.guest.write(self.layout.avail + 2, struct.pack("<H", self.avail_idx))
+
+    def set_used_event(self, value: int) -> None:
+        self.guest.write(self.layout.avail + 4 + 2 * self.size, struct.pack("<H", value))
+
+    def used_idx(self) -> int:
+        return struct.unpack("<H", self.guest.read(self.layout.used + 2, 2))[0]
+
+    def used_elem(self, index: int) -> tuple[int, int]:
+        return struct.unpack("<II", self.guest.read(self.layout.used + 4 + 8 * index, 8))
+
+    def avail_event(self) -> int:
+        return struct.unpack("<H", self.guest.read(self.layout.used + 4 + 8 * self.size, 2))[0]
+
+
+def new_chain():
+    return ffi.new("struct svpy_chain *")
