@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
+import os
 import struct
 import threading
 import time
@@ -34,11 +36,19 @@ from stratovirt_py.arch.x86_64.registers import (
     setup_long_mode_sregs,
     write_boot_tables,
 )
-from stratovirt_py.config import MachineConfig
+from stratovirt_py.config import MAX_DISKS, MachineConfig
 from stratovirt_py.devices.bus import Bus
 from stratovirt_py.devices.chardev import Chardev, create_chardev
 from stratovirt_py.devices.i8042 import I8042
 from stratovirt_py.devices.serial import Serial
+from stratovirt_py.devices.virtio.block import VirtioBlock
+from stratovirt_py.devices.virtio.dataplane import IoThread, c_guest_memory
+from stratovirt_py.devices.virtio.mmio import (
+    REG_QUEUE_NOTIFY,
+    VirtioMmioTransport,
+    drain_eventfd,
+)
+from stratovirt_py.disks import DiskError, DiskSlots, Slot
 from stratovirt_py.errors import BootError, MonitorError
 from stratovirt_py.kvm import Kvm, KvmError, Vcpu, Vm, ffi, lib
 from stratovirt_py.memory import GuestMemory
@@ -98,6 +108,12 @@ class MicroVM:
         self.cmdline = ""
         self._exit_lock = threading.Lock()
         self._exit_claimed = False
+        self.virtio_transports: list[VirtioMmioTransport] = []
+        self.iothread: IoThread | None = None
+        self.disks: DiskSlots | None = None
+        self._eventfds: list[int] = []
+        self._virtio_error_fd = -1
+        self._c_memory: Any = None
 
     # Construction.
 
@@ -120,6 +136,7 @@ class MicroVM:
         for slot, region in enumerate(memory.regions):
             vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
 
+        self._build_disk_slots()
         assert config.kernel is not None
         kernel = load_kernel(memory, config.kernel)
         initrd = load_initrd(memory, config.initrd, kernel) if config.initrd else None
@@ -153,7 +170,51 @@ class MicroVM:
         if extra:
             log.info("kvm_pvm host: adding '%s' to the guest command line", extra)
             parts.append(extra)
+        # The guest finds virtio-mmio devices only here (no ACPI, no device tree).
+        parts.extend(t.cmdline_token for t in self.virtio_transports)
         return " ".join(p for p in parts if p)
+
+    def _new_eventfd(self) -> int:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._eventfds.append(fd)
+        return fd
+
+    def _add_virtio_device(self, make_device: Callable[[int, int, int], Any]) -> Any:
+        """Places the next virtio-mmio window; returns its transport."""
+        assert self.vm is not None
+        index = len(self.virtio_transports)
+        base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_WINDOW
+        irq = layout.VIRTIO_IRQ_BASE + index
+        if irq > layout.VIRTIO_IRQ_LAST:
+            raise MonitorError("out of interrupt lines for virtio devices")
+        irqfd, kick_fd = self._new_eventfd(), self._new_eventfd()
+        device = make_device(irqfd, self._virtio_error_fd, kick_fd)
+        self.vm.register_irqfd(irqfd, irq)
+        self.vm.register_ioeventfd(kick_fd, base + REG_QUEUE_NOTIFY, 4)
+        transport = VirtioMmioTransport(device, base, irq)
+        self.mmio_bus.insert(base, layout.VIRTIO_MMIO_WINDOW, transport)
+        self.virtio_transports.append(transport)
+        return transport
+
+    def _build_disk_slots(self) -> None:
+        """Six virtio-blk slots, vda..vdf, first in the virtio-mmio order; boot disks fill them."""
+        assert self.memory is not None
+        self._c_memory = c_guest_memory(self.memory)
+        self.iothread = IoThread()
+        self._virtio_error_fd = self._new_eventfd()
+        slots = []
+        for index in range(MAX_DISKS):
+            name = "vd" + chr(ord("a") + index)
+            transport = self._add_virtio_device(
+                functools.partial(VirtioBlock, name, self._c_memory, self.iothread))
+            slots.append(Slot(index, transport.device, transport.notify_config_change))
+        self.disks = DiskSlots(slots)
+        for drive in self.config.disks:
+            try:
+                self.disks.add_node(drive)
+                self.disks.attach(None, drive.id, drive.id, boot=True)
+            except DiskError as exc:
+                raise BootError(f"drive '{drive.id}': {exc.desc}") from None
 
     def _write_cmdline(self, kernel: LoadedKernel) -> None:
         assert self.memory is not None
@@ -199,8 +260,15 @@ class MicroVM:
         for thread in self.vcpu_threads:
             thread.start(paused=paused)
         self.chardev.start(self._feed_console, self.request_quit_from_console)
+        if self._virtio_error_fd >= 0:
+            self._loop.add_reader(self._virtio_error_fd, self._on_data_plane_error)
         self.state = RunState.PRELAUNCH if paused else RunState.RUNNING
         log.info("VM started%s", " paused (-S)" if paused else "")
+
+    def _on_data_plane_error(self) -> None:
+        drain_eventfd(self._virtio_error_fd)
+        for transport in self.virtio_transports:
+            transport.on_data_plane_error()
 
     def vcpu_thread_ids(self) -> list[int | None]:
         return [thread.thread_id for thread in self.vcpu_threads]
@@ -266,4 +334,9 @@ class MicroVM:
             thread.stop()
         for thread in self.vcpu_threads:
             thread.join(timeout=2.0)
+        if self.iothread is not None:
+            self.iothread.stop()
+            self.iothread = None
+        if self.disks is not None:
+            self.disks.close()
         self.chardev.close()

@@ -105,3 +105,58 @@ class Queue:
 
 def new_chain():
     return ffi.new("struct svpy_chain *")
+
+
+class BlkDriver:
+    """Builds virtio-blk requests in a Queue, as a guest driver would."""
+
+    HEADER = struct.Struct("<IIQ")
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.next_desc = 0
+        self.scratch = queue.data_area
+        self.pending: list[tuple[int, int]] = []  # (head, status address)
+
+    def _alloc(self, length: int) -> int:
+        addr = self.scratch
+        self.scratch = (self.scratch + length + 63) & ~63
+        assert self.scratch < self.queue.guest.base + self.queue.guest.size
+        return addr
+
+    def _desc(self) -> int:
+        index = self.next_desc
+        self.next_desc = (self.next_desc + 1) % self.queue.size
+        return index
+
+    def submit(self, kind: int, sector: int = 0, data: bytes = b"", read_len: int = 0,
+               segments: int = 1) -> int:
+        """Queues one request; returns the guest address of its status byte."""
+        header = self._alloc(16)
+        self.queue.guest.write(header, self.HEADER.pack(kind, 0, sector))
+        chain = [(header, 16, 0)]
+        payload = data if data else bytes(read_len)
+        flags = 0 if data else F_WRITE
+        if payload:
+            piece = -(-len(payload) // segments)
+            for start in range(0, len(payload), piece):
+                addr = self._alloc(len(payload[start:start + piece]))
+                if data:
+                    self.queue.guest.write(addr, payload[start:start + piece])
+                chain.append((addr, len(payload[start:start + piece]), flags))
+        status = self._alloc(1)
+        self.queue.guest.write(status, b"\xee")
+        chain.append((status, 1, F_WRITE))
+        indices = [self._desc() for _ in chain]
+        for position, (addr, length, chain_flags) in enumerate(chain):
+            last = position == len(chain) - 1
+            self.queue.set_desc(indices[position], addr, length,
+                                chain_flags | (0 if last else F_NEXT),
+                                0 if last else indices[position + 1])
+        self.queue.publish(indices[0])
+        self.pending.append((indices[0], status))
+        return status
+
+    def data_at(self, status_addr: int, length: int) -> bytes:
+        """The read buffer(s) just before a status byte (single-segment reads)."""
+        return self.queue.guest.read(status_addr - ((length + 63) & ~63), length)

@@ -1,0 +1,1 @@
+"""virtio devices: the virtio-mmio transport and the devices behind it."""

@@ -1,0 +1,198 @@
+"""virtio-blk (virtio 1.x §5.2): configuration, feature bits and backend files.
+
+Requests are served by the C data plane (csrc/dataplane/virtio_blk.c).  Here
+the device offers its features and config space, opens and swaps backend
+image files (hot-plug), and hands the C side its queue when the driver is
+ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from stratovirt_py._dataplane import ffi, lib
+from stratovirt_py.config import DriveConfig
+from stratovirt_py.devices.virtio.dataplane import IoThread
+from stratovirt_py.devices.virtio.mmio import (
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    QueueSetup,
+)
+
+DEVICE_ID_BLOCK = 2
+QUEUE_MAX_SIZE = 256
+SECTOR_SIZE = 512
+# Segments per request the guest may use (its scatter list), header and status apart.
+SEG_MAX = 126
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
+MAX_DISCARD_SEGMENTS = 16
+DISCARD_ALIGNMENT_SECTORS = 8
+
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
+BASE_FEATURES = (VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+                 | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES)
+
+# struct virtio_blk_config, as far as the offered features reach.
+CONFIG_LAYOUT = struct.Struct("<QII HBB I BBH I BBH IIIII B3x")
+
+
+class BackendError(OSError):
+    """An image file could not be opened."""
+
+
+@dataclass
+class DiskBackend:
+    """An open image: the fds the C side uses and what the guest is told."""
+
+    drive: DriveConfig
+    fd: int
+    buffered_fd: int
+    sectors: int
+    identity: tuple[int, int]  # (st_dev, st_ino), to spot the same image twice
+
+    @staticmethod
+    def open(drive: DriveConfig) -> DiskBackend:
+        flags = (os.O_RDONLY if drive.read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            buffered_fd = os.open(drive.path, flags)
+        except OSError as exc:
+            raise BackendError(exc.errno, f"Could not open '{drive.path}': {exc.strerror}") \
+                from None
+        try:
+            info = os.fstat(buffered_fd)
+            size = info.st_size if not _is_block_device(info.st_mode) else \
+                os.lseek(buffered_fd, 0, os.SEEK_END)
+            fd = buffered_fd
+            if drive.direct:
+                try:
+                    fd = os.open(drive.path, flags | os.O_DIRECT)
+                except OSError as exc:
+                    raise BackendError(exc.errno, f"Could not open '{drive.path}' with O_DIRECT"
+                                                  f" (cache.direct): {exc.strerror}") from None
+        except BaseException:
+            os.close(buffered_fd)
+            raise
+        return DiskBackend(drive, fd, buffered_fd, size // SECTOR_SIZE,
+                           (info.st_dev, info.st_ino))
+
+    def close(self) -> None:
+        # Whatever the guest wrote is on the file once the disk is gone.
+        with contextlib.suppress(OSError):
+            os.fdatasync(self.buffered_fd)
+        for fd in {self.fd, self.buffered_fd}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _is_block_device(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISBLK(mode)
+
+
+class VirtioBlock:
+    """One virtio-blk device (a slot); empty when it has no backend."""
+
+    device_id = DEVICE_ID_BLOCK
+    queue_max_sizes = (QUEUE_MAX_SIZE,)
+
+    def __init__(self, name: str, c_memory: Any, iothread: IoThread, irqfd: int,
+                 error_fd: int, kick_fd: int) -> None:
+        self.name = name
+        self._c_memory = c_memory  # the C side points into it
+        self.c = ffi.new("struct svpy_blk *")
+        ret = lib.svpy_blk_init(self.c, c_memory, irqfd, error_fd, kick_fd)
+        if ret < 0:
+            raise OSError(-ret, f"{name}: cannot initialise the device lock")
+        self.shared = ffi.addressof(self.c, "shared")
+        self.backend: DiskBackend | None = None
+        ret = lib.svpy_blk_attach(self.c, iothread.handle)
+        if ret < 0:
+            raise OSError(-ret, f"{name}: cannot watch the queue notifier")
+
+    # VirtioDevice.
+
+    def device_features(self) -> int:
+        read_only = self.backend is not None and self.backend.drive.read_only
+        return BASE_FEATURES | (VIRTIO_BLK_F_RO if read_only else 0)
+
+    def config_bytes(self) -> bytes:
+        sectors = self.backend.sectors if self.backend else 0
+        return CONFIG_LAYOUT.pack(
+            sectors, 0, SEG_MAX,
+            0, 0, 0,  # geometry
+            SECTOR_SIZE,
+            0, 0, 0,  # topology: physical block exponent, alignment, min io size
+            0,  # opt_io_size
+            0, 0, 1,  # writeback, unused, num_queues
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, DISCARD_ALIGNMENT_SECTORS,
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
+            1,  # write_zeroes_may_unmap
+        )
+
+    def read_config(self, offset: int, size: int) -> int:
+        config = self.config_bytes()
+        if offset + size > len(config) or size not in (1, 2, 4, 8):
+            return 0
+        return int.from_bytes(config[offset:offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        pass  # writeback is not offered: the config space is read-only
+
+    def activate(self, features: int, queues: list[QueueSetup]) -> int:
+        queue = queues[0]
+        if not queue.ready:
+            return 0
+        vq = self.c.vq
+        vq.size = queue.size if queue.size <= QUEUE_MAX_SIZE else 0
+        vq.desc_gpa, vq.avail_gpa, vq.used_gpa = queue.desc, queue.driver, queue.device
+        vq.event_idx = int(bool(features & VIRTIO_F_RING_EVENT_IDX))
+        vq.indirect = int(bool(features & VIRTIO_F_RING_INDIRECT_DESC))
+        self.c.discard = int(bool(features & VIRTIO_BLK_F_DISCARD))
+        self.c.write_zeroes = int(bool(features & VIRTIO_BLK_F_WRITE_ZEROES))
+        error = lib.svpy_vq_activate(ffi.addressof(self.c, "vq"), self._c_memory)
+        if error:
+            return error
+        lib.svpy_blk_process(self.c)  # requests queued before DRIVER_OK
+        return 0
+
+    def reset(self) -> None:
+        lib.svpy_vq_deactivate(ffi.addressof(self.c, "vq"))
+
+    # Backends (control plane, main loop).
+
+    def set_backend(self, backend: DiskBackend | None) -> DiskBackend | None:
+        """Swaps the image under the device lock; returns the previous one (to close)."""
+        lib.svpy_lock(self.shared)
+        try:
+            previous = self.backend
+            self.backend = backend
+            if backend is None:
+                self.c.fd = self.c.buffered_fd = -1
+                self.c.capacity = 0
+                self.c.read_only = 0
+                self.c.serial = b"\0" * lib.SVPY_BLK_ID_BYTES
+            else:
+                self.c.fd = backend.fd
+                self.c.buffered_fd = backend.buffered_fd
+                self.c.capacity = backend.sectors
+                self.c.read_only = int(backend.drive.read_only)
+                serial = (backend.drive.serial or "").encode()[:lib.SVPY_BLK_ID_BYTES]
+                self.c.serial = serial.ljust(lib.SVPY_BLK_ID_BYTES, b"\0")
+        finally:
+            lib.svpy_unlock(self.shared)
+        return previous
+
+    def stats(self) -> dict[str, int]:
+        stats = self.c.stats
+        return {"requests": stats.requests, "read_bytes": stats.read_bytes,
+                "written_bytes": stats.written_bytes, "errors": stats.errors}

@@ -1,0 +1,37 @@
+"""Python handles on the C data plane: guest memory for C, and the I/O thread."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from stratovirt_py._dataplane import ffi, lib
+from stratovirt_py.errors import MonitorError
+from stratovirt_py.memory import GuestMemory
+
+
+def c_guest_memory(memory: GuestMemory) -> Any:
+    """A struct svpy_guest_memory describing `memory`; keep it alive as long as the VM."""
+    regions = memory.regions
+    if len(regions) > lib.SVPY_MAX_MEM_REGIONS:
+        raise MonitorError("too many guest memory regions for the data plane")
+    table = ffi.new("struct svpy_guest_memory *")
+    table.count = len(regions)
+    for index, region in enumerate(regions):
+        table.regions[index].gpa = region.guest_addr
+        table.regions[index].size = region.size
+        table.regions[index].hva = ffi.cast("uint8_t *", region.host_addr)
+    return table
+
+
+class IoThread:
+    """One C thread that serves every device's queue notifications."""
+
+    def __init__(self) -> None:
+        self.handle = ffi.new("struct svpy_iothread *")
+        ret = lib.svpy_iothread_start(self.handle)
+        if ret < 0:
+            raise MonitorError(f"cannot start the I/O thread: {os.strerror(-ret)}")
+
+    def stop(self) -> None:
+        lib.svpy_iothread_stop(self.handle)
