@@ -8,6 +8,7 @@ slot, `device_del` empties the slot, `blockdev-del` forgets an unused node.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -103,7 +104,7 @@ class DiskSlots:
         return None
 
     def attach(self, slot_index: int | None, device_id: str, node_name: str,
-               boot: bool = False) -> Slot:
+               serial: str | None = None, boot: bool = False) -> Slot:
         """device_add (or a -drive at boot): fills a slot with a registered node."""
         if self.find_device(device_id) is not None:
             raise DiskError(f"Duplicate device ID '{device_id}'")
@@ -129,6 +130,8 @@ class DiskSlots:
         if user is not None:
             raise DiskError(f"'{drive.path}' is already in use by disk '{user.device_id}' "
                             f"({user.guest_name})")
+        if serial is not None:
+            drive = dataclasses.replace(drive, serial=serial)
         try:
             backend = DiskBackend.open(drive)
         except BackendError as exc:

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from stratovirt_py.config import CpuTopology, MachineConfig
 from stratovirt_py.machine import ExitRequest, RunState
-from stratovirt_py.qmp.commands import dispatch
 from stratovirt_py.qmp.protocol import (
     JsonStreamSplitter,
     MessageTooLarge,
@@ -24,6 +23,7 @@ from stratovirt_py.qmp.protocol import (
     QmpError,
     decode_message,
 )
+from stratovirt_py.qmp.registry import dispatch
 from stratovirt_py.qmp.server import QmpServer
 
 GREETING = (b'{"QMP":{"version":{"qemu":{"micro":1,"minor":0,"major":4},"package":""},'
@@ -37,6 +37,7 @@ class FakeMachine:
         self.listeners: list = []
         self.exit_requests: list[ExitRequest] = []
         self.pause_works = True
+        self.disks = None
 
     @property
     def exit_pending(self) -> bool:

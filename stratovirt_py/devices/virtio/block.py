@@ -9,6 +9,8 @@ ready.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from stratovirt_py.devices.virtio.mmio import (
     VIRTIO_F_RING_INDIRECT_DESC,
     QueueSetup,
 )
+
+log = logging.getLogger(__name__)
 
 DEVICE_ID_BLOCK = 2
 QUEUE_MAX_SIZE = 256
@@ -76,8 +80,12 @@ class DiskBackend:
                 try:
                     fd = os.open(drive.path, flags | os.O_DIRECT)
                 except OSError as exc:
-                    raise BackendError(exc.errno, f"Could not open '{drive.path}' with O_DIRECT"
-                                                  f" (cache.direct): {exc.strerror}") from None
+                    if exc.errno != errno.EINVAL:
+                        raise BackendError(exc.errno, f"Could not open '{drive.path}' with "
+                                           f"O_DIRECT: {exc.strerror}") from None
+                    # tmpfs and some others have no O_DIRECT; the data still gets there.
+                    log.warning("'%s' does not support O_DIRECT; using buffered I/O",
+                                drive.path)
         except BaseException:
             os.close(buffered_fd)
             raise

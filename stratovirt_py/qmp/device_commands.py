@@ -1,0 +1,131 @@
+"""QMP hot-plug: blockdev-add/-del and device_add/device_del, as the spec shows them.
+
+Both the spec's (StratoVirt) argument shapes and QEMU's are accepted:
+`{"node-name", "file": {"driver": "file", "filename"}, "cache": {"direct"},
+"read-only"}`, with or without a top-level `"driver": "raw"`, and QEMU's flat
+`{"driver": "file", "node-name", "filename"}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stratovirt_py.config import DriveConfig
+from stratovirt_py.disks import DiskError, DiskSlots
+from stratovirt_py.qmp.protocol import QmpError
+from stratovirt_py.qmp.registry import CommandContext, ManagedMachine, command
+from stratovirt_py.qmp.schema import Arg, opt
+
+BLOCK_DRIVERS = ("virtio-blk-mmio", "virtio-blk-device")
+AIO_MODES = ("native", "io_uring", "threads", "off")
+# device_add properties that QEMU, StratoVirt, libvirt or Kata send and that
+# change nothing on a microvm slot.
+IGNORED_DEVICE_PROPERTIES = {"bus", "iothread", "bootindex", "boot_index", "num-queues",
+                             "queue-size", "chardev", "multifunction"}
+BLOCK_DEVICE_PROPERTIES = {"id", "driver", "addr", "lun", "drive", "serial"}
+
+BLOCKDEV_SCHEMA = {
+    "node-name": Arg("str"),
+    "driver": opt("str", choices=("raw", "file")),
+    "file": opt({
+        "driver": Arg("str", choices=("file",)),
+        "filename": Arg("str"),
+        "aio": opt("str", choices=AIO_MODES),
+        "locking": opt("str"),
+    }),
+    "filename": opt("str"),
+    "aio": opt("str", choices=AIO_MODES),
+    "cache": opt({"direct": opt("bool"), "no-flush": opt("bool")}),
+    "read-only": opt("bool"),
+    "auto-read-only": opt("bool"),
+    "discard": opt("str", choices=("ignore", "unmap")),
+    "detect-zeroes": opt("str", choices=("off", "on", "unmap")),
+    "media": opt("str"),
+    "id": opt("str"),
+    "options": opt("object"),
+    "throttling.iops-total": opt("int"),
+}
+
+
+def _disks(machine: ManagedMachine) -> DiskSlots:
+    disks = machine.disks
+    if disks is None:
+        raise QmpError("This machine has no disk slots")
+    return disks
+
+
+def _run(action: Any) -> Any:
+    try:
+        return action()
+    except DiskError as exc:
+        raise QmpError(exc.desc, exc.error_class) from None
+
+
+@command("blockdev-add", BLOCKDEV_SCHEMA)
+def blockdev_add(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
+    file = args.get("file")
+    if file is not None:
+        filename = file["filename"]
+    elif args.get("driver") == "file" and "filename" in args:
+        filename = args["filename"]
+    else:
+        raise QmpError("Parameter 'file.filename' is missing")
+    drive = DriveConfig(
+        id=args["node-name"], path=filename,
+        read_only=args.get("read-only", False),
+        # StratoVirt's default: O_DIRECT unless the client asks otherwise.
+        direct=args.get("cache", {}).get("direct", True),
+    )
+    _run(lambda: _disks(machine).add_node(drive))
+
+
+@command("blockdev-del", {"node-name": Arg("str")})
+def blockdev_del(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
+    _run(lambda: _disks(machine).remove_node(args["node-name"]))
+
+
+def _slot_from(args: dict[str, Any], device_id: str) -> int | None:
+    if "addr" in args:
+        addr = args["addr"]
+        try:
+            return addr if isinstance(addr, int) and not isinstance(addr, bool) \
+                else int(str(addr), 0)
+        except ValueError:
+            raise QmpError(f"Invalid addr '{addr}' for device '{device_id}'") from None
+    if "lun" in args:
+        lun = args["lun"]
+        if not isinstance(lun, int) or isinstance(lun, bool):
+            raise QmpError("Invalid parameter type for 'lun', expected: integer")
+        return lun + 1  # the spec: lun 0 is vdb
+    return None
+
+
+@command("device_add", {"driver": Arg("str"), "id": opt("str")} | {
+    name: opt("any") for name in BLOCK_DEVICE_PROPERTIES | IGNORED_DEVICE_PROPERTIES
+    if name not in ("driver", "id")})
+def device_add(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
+    driver = args["driver"]
+    if driver not in BLOCK_DRIVERS:
+        raise QmpError(f"'{driver}' is not a valid device model name")
+    unknown = sorted(set(args) - BLOCK_DEVICE_PROPERTIES - IGNORED_DEVICE_PROPERTIES)
+    if unknown:
+        raise QmpError(f"Property '{driver}.{unknown[0]}' not found")
+    device_id = args.get("id")
+    if not isinstance(device_id, str) or not device_id:
+        raise QmpError("Parameter 'id' is missing")
+    node = args.get("drive", device_id)
+    if not isinstance(node, str):
+        raise QmpError("Invalid parameter type for 'drive', expected: string")
+    slot = _slot_from(args, device_id)
+    serial = args.get("serial")
+    if serial is not None and not isinstance(serial, str):
+        raise QmpError("Invalid parameter type for 'serial', expected: string")
+    _run(lambda: _disks(machine).attach(slot, device_id, node, serial=serial))
+
+
+@command("device_del", {"id": Arg("str")})
+def device_del(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
+    device_id = args["id"]
+    _run(lambda: _disks(machine).detach(device_id))
+    # The slot is empty already: the removal is complete before the return.
+    machine.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})

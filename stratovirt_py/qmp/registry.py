@@ -1,0 +1,107 @@
+"""The QMP command table and the rules every request goes through.
+
+Handlers register with @command(name, schema); dispatch() checks the request
+envelope and the arguments (before anything runs, so a bad request has no side
+effect) and turns QmpError into QEMU's error reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from stratovirt_py.config import MachineConfig
+from stratovirt_py.disks import DiskSlots
+from stratovirt_py.machine import ExitRequest, RunState
+from stratovirt_py.qmp.protocol import QmpError, error_message, return_message
+from stratovirt_py.qmp.schema import Schema, check_arguments
+
+# The spec's greeting (StratoVirt v0.x reported QEMU 4.0.1 with an empty package).
+QEMU_VERSION = {"qemu": {"micro": 1, "minor": 0, "major": 4}, "package": ""}
+
+
+class ManagedMachine(Protocol):
+    """What the commands need of the machine (MicroVM, or a fake in unit tests)."""
+
+    state: RunState
+    config: MachineConfig
+
+    @property
+    def exit_pending(self) -> bool: ...
+
+    def vcpu_thread_ids(self) -> list[int | None]: ...
+
+    def pause(self) -> bool: ...
+
+    def resume(self) -> None: ...
+
+    def request_exit(self, request: ExitRequest) -> None: ...
+
+    def emit_event(self, name: str, data: dict[str, Any]) -> None: ...
+
+    @property
+    def disks(self) -> DiskSlots | None: ...
+
+
+class CommandContext(Protocol):
+    """The connection a command came in on (for fds passed with SCM_RIGHTS)."""
+
+    named_fds: dict[str, int]
+
+    def take_received_fd(self) -> int | None: ...
+
+
+Handler = Callable[[ManagedMachine, CommandContext, dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    handler: Handler
+    schema: Schema
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, schema: Schema | None = None) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        COMMANDS[name] = Command(name, handler, schema or {})
+        return handler
+    return register
+
+
+ENVELOPE_KEYS = {"execute", "arguments", "id"}
+
+
+def dispatch(machine: ManagedMachine, context: CommandContext, request: Any) -> dict[str, Any]:
+    """Runs one decoded request and returns the reply message."""
+    if not isinstance(request, dict):
+        return error_message(QmpError("QMP input must be a JSON object"))
+    has_id = "id" in request
+    request_id = request.get("id")
+    try:
+        name = _check_envelope(request)
+        entry = COMMANDS.get(name)
+        if entry is None:
+            raise QmpError(f"The command {name} has not been found", "CommandNotFound")
+        arguments = request.get("arguments", {})
+        check_arguments(arguments, entry.schema)
+        result = entry.handler(machine, context, arguments)
+    except QmpError as exc:
+        return error_message(exc, request_id, has_id)
+    return return_message({} if result is None else result, request_id, has_id)
+
+
+def _check_envelope(request: dict[str, Any]) -> str:
+    if "execute" in request and not isinstance(request["execute"], str):
+        raise QmpError("QMP input member 'execute' must be a string")
+    if "arguments" in request and not isinstance(request["arguments"], dict):
+        raise QmpError("QMP input member 'arguments' must be an object")
+    for key in request:
+        if key not in ENVELOPE_KEYS:
+            raise QmpError(f"QMP input member '{key}' is unexpected")
+    if "execute" not in request:
+        raise QmpError("QMP input lacks member 'execute'")
+    return request["execute"]
