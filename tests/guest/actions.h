@@ -22,4 +22,14 @@ NORETURN void action_bad_mmio_read(void);
 NORETURN void action_popcnt(void);
 NORETURN void action_selftest(void); /* selftest.c */
 
+/* virtio-mmio / virtio-blk (README.md, "virtio actions") */
+NORETURN void action_virtio_info(void);        /* virtio_info.c */
+NORETURN void action_blk_rw(void);             /* blk_rw.c */
+NORETURN void action_blk_write_pattern(void);  /* blk_actions.c */
+NORETURN void action_blk_read_pattern(void);   /* blk_actions.c */
+NORETURN void action_blk_read_hex(void);       /* blk_actions.c */
+NORETURN void action_blk_ro_check(void);       /* blk_actions.c */
+NORETURN void action_blk_watch(void);          /* blk_actions.c */
+NORETURN void action_hostile(void);            /* hostile.c */
+
 #endif

@@ -30,6 +30,14 @@ static const struct action actions[] = {
     { "bad-mmio-read", action_bad_mmio_read },
     { "popcnt", action_popcnt },
     { "selftest", action_selftest },
+    { "virtio-info", action_virtio_info },
+    { "blk-rw", action_blk_rw },
+    { "blk-write-pattern", action_blk_write_pattern },
+    { "blk-read-pattern", action_blk_read_pattern },
+    { "blk-read-hex", action_blk_read_hex },
+    { "blk-ro-check", action_blk_ro_check },
+    { "blk-watch", action_blk_watch },
+    { "hostile", action_hostile },
 };
 
 #define DEFAULT_ACTION "reboot"

@@ -5,9 +5,12 @@
 #include <stdint.h>
 
 #include "actions.h"
+#include "blk_pattern.h"
 #include "cmdline.h"
+#include "guestmem.h"
 #include "printf.h"
 #include "string.h"
+#include "virtio_mmio.h"
 
 static unsigned failures;
 
@@ -98,11 +101,59 @@ static void check_memory(void)
     expect_u64("strlen", strlen(buf), 10);
 }
 
+static void check_virtio_token(void)
+{
+    struct virtio_mmio_dev d;
+    expect_u64("token", virtio_mmio_parse_token("512@0xf0100200:6", 16, &d), 1);
+    expect_u64("token-base", d.base, 0xf0100200u);
+    expect_u64("token-size", d.size, 512);
+    expect_u64("token-irq", d.irq, 6);
+    expect_u64("token-k", virtio_mmio_parse_token("4K@0xd0000000:9:3", 17, &d), 1);
+    expect_u64("token-k-size", d.size, 4096);
+    expect_u64("token-no-irq", virtio_mmio_parse_token("512@0xf0100000", 14, &d), 0);
+    expect_u64("token-trailing", virtio_mmio_parse_token("512@0xf0100000:5x", 17, &d), 0);
+    expect_u64("token-above-4g", virtio_mmio_parse_token("512@0x100000000:5", 17, &d), 0);
+    expect_u64("token-too-small", virtio_mmio_parse_token("16@0xf0100000:5", 15, &d), 0);
+    const char *cl = "a virtio_mmio.device=512@0x1000:5 b=1 virtio_mmio.device=bad "
+                     "virtio_mmio.device=1K@0x3000:7";
+    struct virtio_mmio_dev devs[4];
+    expect_u64("discover", virtio_mmio_discover(cl, devs, 4), 3);
+    expect_u64("discover-0", devs[0].parsed && devs[0].base == 0x1000 && devs[0].irq == 5, 1);
+    expect_u64("discover-1", devs[1].parsed, 0);
+    expect_u64("discover-2", devs[2].parsed && devs[2].base == 0x3000 && devs[2].index == 2, 1);
+}
+
+static void check_bulk_memory(void)
+{
+    static uint8_t a[100], b[100];
+    mem_fill(a, 0x5a, sizeof(a));
+    mem_copy(b, a, sizeof(b));
+    expect_u64("mem-equal", mem_diff(a, b, sizeof(a)), sizeof(a));
+    const size_t where[] = { 0, 7, 8, 63, 95, 96, 99 };
+    for (size_t i = 0; i < sizeof(where) / sizeof(where[0]); i++) {
+        b[where[i]] ^= 1;
+        expect_u64("mem-diff", mem_diff(a, b, sizeof(a)), where[i]);
+        b[where[i]] ^= 1;
+    }
+    uint8_t sector[512];
+    pattern_fill_host(sector, 3, 1, 5);
+    expect_u64("host-pattern", sector[10], (5 * 131 + 3 * 7 + 10) & 0xff);
+    expect_u64("host-check", pattern_check_host(sector, 3, 1, 5), 512);
+    sector[300] ^= 0xff;
+    expect_u64("host-mismatch", pattern_check_host(sector, 3, 1, 5), 300);
+    pattern_fill_tagged(sector, 0x123456, 1, 7);
+    const uint64_t x = 0x5a5a5a5a5a5a5a5aull;
+    expect_u64("tagged-0", load64(sector), x ^ (7ull << 56 | 0x123456ull << 8));
+    expect_u64("tagged-9", load64(sector + 72), x ^ (7ull << 56 | 9ull << 40 | 9ull << 8));
+}
+
 void action_selftest(void)
 {
     check_format();
     check_parsing();
     check_memory();
+    check_virtio_token();
+    check_bulk_memory();
     if (failures)
         report("selftest=failed count=%u", failures);
     else
