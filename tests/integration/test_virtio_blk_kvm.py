@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import MONITOR, monitor_env, run_monitor
-from tests.integration.test_boot_freestanding import facts
 
 pytestmark = pytest.mark.kvm
 SECTOR = 512
