@@ -1,0 +1,161 @@
+"""Command line of the benchmark: `python3 -m benchmarks` (what `scripts/bench` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks import harness, report
+from benchmarks.metrics import GROUPS, METRICS
+
+DEFAULTS = {
+    # guest: (reps, warm-up pairs, settle seconds, per-run timeout seconds)
+    "svtest": (10, 1, 1.0, 30.0),
+    # Linux boots take 40-60 s on an emulating (kvm_pvm) host: few reps, and no
+    # warm-up pair, whose two boots would cost as much as a measured pair.
+    "linux": (3, 0, 10.0, 300.0),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Benchmarks stratovirt-py against QEMU microvm in alternating pairs.")
+    parser.add_argument("--guest", choices=sorted(DEFAULTS), default="svtest")
+    parser.add_argument("--reps", type=int, help="measured pairs (svtest 10, linux 3)")
+    parser.add_argument("--warmup", type=int, help="warm-up pairs, discarded (svtest 1, linux 0)")
+    parser.add_argument("--metrics", default=",".join(GROUPS),
+                        help=f"comma-separated subset of {','.join(GROUPS)}")
+    parser.add_argument("--monitors", default="ours,qemu", help="comma-separated: ours,qemu")
+    parser.add_argument("--output", type=Path,
+                        help="JSON results (default bench-results/<date>-<guest>.json)")
+    parser.add_argument("--mem", type=int, default=256, help="guest RAM in MiB (256)")
+    parser.add_argument("--qmp-requests", type=int, default=2000,
+                        help="query-status commands per QMP probe (2000)")
+    parser.add_argument("--settle", type=float,
+                        help="seconds the guest idles before the memory sample "
+                             "(svtest 1 after 'svtest: done', linux 10 after 'Run /init')")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds a run may take to boot or exit (svtest 30, linux 300)")
+    parser.add_argument("--kernel", type=Path, help="Linux guest kernel (build/guest/vmlinux)")
+    parser.add_argument("--initrd", type=Path,
+                        help="Linux guest initramfs (build/guest/initramfs.cpio)")
+    parser.add_argument("--append", default="",
+                        help="extra guest command-line arguments, given to both monitors")
+    parser.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    args = parser.parse_args(argv)
+    reps, warmup, settle, timeout = DEFAULTS[args.guest]
+    args.reps = reps if args.reps is None else args.reps
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.settle = settle if args.settle is None else args.settle
+    args.timeout = timeout if args.timeout is None else args.timeout
+    if args.reps < 1 or args.warmup < 0 or args.qmp_requests < 1 or args.mem < 1:
+        parser.error("--reps, --qmp-requests and --mem must be positive, --warmup >= 0")
+    args.groups = frozenset(g.strip() for g in args.metrics.split(",") if g.strip())
+    if not args.groups or not args.groups <= set(GROUPS):
+        parser.error(f"--metrics must be a subset of {','.join(GROUPS)}")
+    args.monitor_names = [m.strip() for m in args.monitors.split(",") if m.strip()]
+    if not args.monitor_names or not set(args.monitor_names) <= set(harness.MONITORS) or len(
+            set(args.monitor_names)) != len(args.monitor_names):
+        parser.error("--monitors must list ours and/or qemu, once each")
+    return args
+
+
+def build_svtest() -> Path:
+    """The freestanding guest, rebuilt by its own builder only when a source changed."""
+    spec = importlib.util.spec_from_file_location("svtest_build",
+                                                  harness.REPO / "tests/guest/build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_guest(harness.REPO / "build" / "svtest")
+
+
+def make_guest(args: argparse.Namespace) -> harness.Guest:
+    if args.guest == "svtest":
+        guest = harness.svtest_guest(build_svtest(), args.settle, args.timeout)
+    else:
+        kernel = args.kernel or harness.REPO / "build/guest/vmlinux"
+        initrd = args.initrd or harness.REPO / "build/guest/initramfs.cpio"
+        guest = harness.linux_guest(kernel, initrd, args.settle, args.timeout)
+    return harness.with_extra_cmdline(guest, args.append)
+
+
+def print_progress(record: harness.RunRecord, reps: int) -> None:
+    label = "warm-up" if record.warmup else f"pair {record.pair + 1}/{reps}"
+    if record.error:
+        text = f"FAILED: {record.error}"
+    else:
+        text = ", ".join(f"{name.partition('.')[2]} {value:.4g} {METRICS[name].unit}"
+                         for name, value in record.values.items())
+    print(f"bench: {label} {record.kind} {record.monitor}: {text}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("bench: /dev/kvm is missing or not accessible", file=sys.stderr)
+        return 2
+    if "qemu" in args.monitor_names and shutil.which(args.qemu) is None:
+        print(f"bench: {args.qemu} not found (apt-get install qemu-system-x86)", file=sys.stderr)
+        return 2
+    try:
+        guest = make_guest(args)
+    except harness.GuestUnavailable as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 2
+    settings = harness.Settings(mem_mib=args.mem, smp=1, qmp_requests=args.qmp_requests,
+                                groups=args.groups, python=sys.executable, qemu=args.qemu)
+    monitors = [harness.MONITORS[name] for name in args.monitor_names]
+    started = dt.datetime.now()
+    output = args.output or (harness.REPO / "bench-results" /
+                             f"{started:%Y-%m-%d-%H%M%S}-{guest.name}.json")
+    names = harness.expected_metrics(guest, args.groups)
+    print(f"bench: {guest.name} guest, {args.reps} pairs + {args.warmup} warm-up, "
+          f"metrics {','.join(sorted(args.groups))}, monitors {','.join(args.monitor_names)}",
+          file=sys.stderr, flush=True)
+    interrupted = False
+    records: list[harness.RunRecord] = []
+    with tempfile.TemporaryDirectory(prefix="svpy-bench-") as workdir:
+        try:
+            records = harness.run_pairs(monitors, guest, settings, args.reps, args.warmup,
+                                        Path(workdir), print_progress)
+        except KeyboardInterrupt:
+            # The runs' own finally blocks have killed the monitors by now.
+            interrupted = True
+    rows = report.metric_rows(records, names, args.monitor_names, args.reps)
+    document = {
+        "host": report.host_facts(args.qemu if "qemu" in args.monitor_names else None),
+        "config": {
+            "guest": guest.name, "kernel": str(guest.kernel),
+            "initrd": str(guest.initrd) if guest.initrd else None,
+            "session_cmdline": guest.session_cmdline, "boot_cmdline": guest.boot_cmdline,
+            "reps": args.reps, "warmup": args.warmup, "metrics": sorted(args.groups),
+            "monitors": args.monitor_names, "mem_mib": args.mem, "smp": 1,
+            "qmp_requests": args.qmp_requests, "settle_s": args.settle,
+            "timeout_s": args.timeout, "interrupted": interrupted,
+        },
+        "metrics": rows,
+        "runs": [r.as_dict() for r in records],
+    }
+    report.write_json(output, document)
+    print(report.format_table(rows, args.monitor_names, args.reps))
+    failed = report.failures(records)
+    if failed:
+        print(f"\n{len(failed)} failed run(s):")
+        for line in failed:
+            print(f"  {line}")
+    print(f"\nresults: {output}")
+    if interrupted:
+        return 130
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

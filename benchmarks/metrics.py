@@ -1,0 +1,365 @@
+"""The benchmark metrics and the probes that take them.
+
+All times are host wall-clock from `time.monotonic_ns()`.  "exec" is the instant
+just before `subprocess.Popen` starts the monitor, so fork+exec of the monitor
+process is inside every exec-relative time, for both monitors alike.  Both
+monitors get the same guest, -m, -smp, serial on stdout (a pipe) and a QMP unix
+socket; QEMU gets the same host-specific guest arguments our monitor adds by
+itself (`host_cmdline_additions`).  The monitor is started the way a user starts
+it: running, not paused with -S, so the guest boots while the monitor is still
+getting its QMP socket ready.
+
+start  (ms, lower is better)
+    exec -> the complete QMP greeting line received on the QMP socket.  The
+    harness tries to connect to the socket path every millisecond until the
+    connection succeeds, then reads the greeting.  The guest is idle-bound
+    (svtest `halt-loop`, or Linux) in this run.
+
+boot   (ms, lower is better), read from the serial console through a pipe; a
+    marker's time is when the pipe read that completes it returns.
+    svtest (its own run, `svtest.action=reboot`, QMP socket configured, no
+    client):
+      boot.first-byte  exec -> the first byte of guest serial output;
+      boot.hello       exec -> the line `svtest: hello` (the guest's first line);
+      boot.exit        exec -> the monitor process has exited, after the guest
+                       printed `svtest: done` and reset (QEMU runs with
+                       -no-reboot, our monitor exits on reset).  The exit is seen
+                       through a pidfd.  A run fails unless the exit status is 0
+                       and `svtest: done` was printed.
+    linux (in the same run as start, memory and qmp, a QMP client connected):
+      boot.first-byte  exec -> first console byte (the kernel's console comes up);
+      boot.run-init    exec -> kernel line `Run /init as init process`;
+      boot.userspace   exec -> `stratovirt-py guest: user space ready`, only when
+                       the guest's init prints it before the memory sample.
+
+memory (MiB, lower is better)
+    With the guest idle (svtest `halt-loop`, `settle` seconds after
+    `svtest: done`; Linux: `settle` seconds after `Run /init`), the monitor
+    process's memory that is not guest RAM, from /proc/PID/smaps (whole process,
+    all threads; see `benchmarks.smaps` for how the RAM mapping is found):
+      memory.overhead-rss  Rss of all mappings minus Rss of the guest-RAM mapping(s);
+      memory.overhead-pss  the same with Pss (shared pages divided among sharers).
+    Taken before any QMP command other than the greeting.
+
+qmp, over the one connection opened for `start`, after `qmp_capabilities`
+(QEMU refuses commands without it; ours accepts it):
+      qmp.latency-p50 / qmp.latency-p99  (µs, lower is better): N sequential
+          `query-status` commands, each sent after the previous reply arrived;
+          per command, send -> complete reply line; nearest-rank percentiles.
+      qmp.throughput  (commands/s, HIGHER is better): N `query-status` commands
+          written back to back without waiting (the client keeps reading while it
+          writes, so neither side blocks on a full socket buffer); N divided by
+          the time from the first byte sent to the last reply received.  Every
+          reply must be a `return` carrying its request's id, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.stats import percentile
+
+NS_PER_MS = 1_000_000
+NS_PER_US = 1_000
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str
+    group: str
+    unit: str
+    better: str  # "lower" or "higher"
+    label: str
+
+
+METRICS: dict[str, MetricInfo] = {m.name: m for m in (
+    MetricInfo("start.qmp-greeting", "start", "ms", "lower", "exec -> QMP greeting"),
+    MetricInfo("boot.first-byte", "boot", "ms", "lower", "exec -> first serial byte"),
+    MetricInfo("boot.hello", "boot", "ms", "lower", "exec -> 'svtest: hello'"),
+    MetricInfo("boot.exit", "boot", "ms", "lower", "exec -> exit after reset"),
+    MetricInfo("boot.run-init", "boot", "ms", "lower", "exec -> 'Run /init'"),
+    MetricInfo("boot.userspace", "boot", "ms", "lower", "exec -> user space ready"),
+    MetricInfo("memory.overhead-rss", "memory", "MiB", "lower", "RSS outside guest RAM"),
+    MetricInfo("memory.overhead-pss", "memory", "MiB", "lower", "PSS outside guest RAM"),
+    MetricInfo("qmp.latency-p50", "qmp", "us", "lower", "query-status p50"),
+    MetricInfo("qmp.latency-p99", "qmp", "us", "lower", "query-status p99"),
+    MetricInfo("qmp.throughput", "qmp", "cmd/s", "higher", "pipelined query-status"),
+)}
+GROUPS = ("start", "boot", "memory", "qmp")
+
+
+class ProbeError(RuntimeError):
+    """A probe gave up: timeout, the monitor died, or a wrong answer."""
+
+
+class SerialWatcher:
+    """Reads a monitor's serial output from a pipe on a thread, timestamping markers."""
+
+    def __init__(self, fd: int, markers: dict[str, bytes]) -> None:
+        self._fd = fd
+        self._markers = markers
+        self.data = bytearray()
+        self.first_byte_ns: int | None = None
+        self.marker_ns: dict[str, int] = {}
+        self.eof = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="serial-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except OSError:
+                chunk = b""
+            now = time.monotonic_ns()
+            with self._changed:
+                if not chunk:
+                    self.eof = True
+                    self._changed.notify_all()
+                    return
+                if self.first_byte_ns is None:
+                    self.first_byte_ns = now
+                searched_to = len(self.data)
+                self.data += chunk
+                for name, marker in self._markers.items():
+                    if name in self.marker_ns:
+                        continue
+                    # Only the new bytes, plus enough before them for a marker split
+                    # across reads.
+                    if self.data.find(marker, max(0, searched_to - len(marker) + 1)) >= 0:
+                        self.marker_ns[name] = now
+                self._changed.notify_all()
+
+    def wait_for(self, name: str, deadline_ns: int, check: Any = None) -> int:
+        """Time the marker was seen; ProbeError on EOF or timeout.
+
+        `check()` runs about every 0.2 s while waiting, outside the lock so the
+        reader thread's timestamps never wait for it; it raises ProbeError to give
+        up early (the monitor died, the guest stopped).
+        """
+        while True:
+            with self._changed:
+                if name in self.marker_ns:
+                    return self.marker_ns[name]
+                if self.eof:
+                    raise ProbeError(f"serial output ended before {self._markers[name]!r}")
+                remaining = (deadline_ns - time.monotonic_ns()) / 1e9
+                if remaining <= 0:
+                    raise ProbeError(f"no {self._markers[name]!r} on the serial console in time")
+                self._changed.wait(min(remaining, 0.2))
+                if name in self.marker_ns:
+                    return self.marker_ns[name]
+            if check is not None:
+                check()
+
+    def tail(self, limit: int = 1500) -> str:
+        with self._changed:
+            return bytes(self.data[-limit:]).decode(errors="replace")
+
+    def join(self, timeout: float = 5) -> None:
+        self._thread.join(timeout)
+
+
+class ExitWatcher:
+    """Waits for a child's exit through a pidfd, so the exit time is exact.
+
+    Popen.wait(timeout) polls with sleeps of up to 50 ms, too coarse for boot.exit.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self._fd = os.pidfd_open(pid)
+
+    def wait(self, deadline_ns: int) -> int | None:
+        """The time the process was seen to exit, None on timeout."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        while True:
+            remaining_ms = (deadline_ns - time.monotonic_ns()) // NS_PER_MS
+            if remaining_ms <= 0:
+                return None
+            if poller.poll(remaining_ms):
+                return time.monotonic_ns()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+class QmpClient:
+    """A minimal line-oriented QMP client on a blocking unix socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+
+    def read_line(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end + 1])
+                del self._buffer[:end + 1]
+                return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProbeError("QMP reply timed out")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise ProbeError("QMP reply timed out") from None
+            if not chunk:
+                raise ProbeError("QMP connection closed by the monitor")
+            self._buffer += chunk
+
+    def read_reply(self, timeout: float) -> dict[str, Any]:
+        """The next message that is not an event."""
+        while True:
+            message = json.loads(self.read_line(timeout))
+            if "event" not in message:
+                return message
+
+    def execute(self, command: str, timeout: float = 10, **extra: Any) -> dict[str, Any]:
+        self.sock.sendall(json.dumps({"execute": command, **extra}).encode() + b"\r\n")
+        reply = self.read_reply(timeout)
+        if "return" not in reply:
+            raise ProbeError(f"{command}: {reply}")
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def connect_qmp(path: Path, deadline_ns: int, alive: Any) -> tuple[int, QmpClient]:
+    """Connects as soon as the socket accepts, reads the greeting: (time, client)."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        if time.monotonic_ns() > deadline_ns:
+            raise ProbeError(f"QMP socket {path} did not accept a connection in time")
+        if not alive():
+            raise ProbeError("monitor exited before its QMP socket accepted a connection")
+        time.sleep(0.001)
+    client = QmpClient(sock)
+    try:
+        line = client.read_line(max(0.001, (deadline_ns - time.monotonic_ns()) / 1e9))
+        now = time.monotonic_ns()
+        greeting = json.loads(line)
+    except (ProbeError, ValueError):
+        client.close()
+        raise
+    if "QMP" not in greeting:
+        client.close()
+        raise ProbeError(f"not a QMP greeting: {line!r}")
+    return now, client
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    p50_us: float
+    p99_us: float
+    max_us: float
+    count: int
+
+
+def query_status_latency(client: QmpClient, count: int, timeout: float = 10) -> LatencyResult:
+    """`count` sequential query-status round trips."""
+    samples: list[float] = []
+    for i in range(count):
+        request = b'{"execute":"query-status","id":%d}\r\n' % i
+        started = time.monotonic_ns()
+        client.sock.sendall(request)
+        line = client.read_line(timeout)
+        elapsed_us: float | None = (time.monotonic_ns() - started) / NS_PER_US
+        reply = json.loads(line)
+        if "event" in reply:
+            # An event came first: this round trip is not a clean sample, drop it.
+            reply = client.read_reply(timeout)
+            elapsed_us = None
+        if reply.get("id") != i or "return" not in reply:
+            raise ProbeError(f"query-status #{i}: unexpected reply {reply}")
+        if elapsed_us is not None:
+            samples.append(elapsed_us)
+    return LatencyResult(p50_us=percentile(samples, 50), p99_us=percentile(samples, 99),
+                         max_us=max(samples), count=len(samples))
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    commands_per_second: float
+    count: int
+    seconds: float
+
+
+def query_status_throughput(client: QmpClient, count: int, timeout: float = 60
+                            ) -> ThroughputResult:
+    """`count` pipelined query-status commands; replies must come back complete, in order."""
+    payload = b"".join(b'{"execute":"query-status","id":%d}\r\n' % i for i in range(count))
+    sock = client.sock
+    sock.setblocking(False)
+    selector = selectors.DefaultSelector()
+    sent = 0
+    replies = 0
+    buffer = bytearray()
+    try:
+        selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        started = time.monotonic_ns()
+        deadline = started + int(timeout * 1e9)
+        while replies < count:
+            remaining = (deadline - time.monotonic_ns()) / 1e9
+            if remaining <= 0:
+                raise ProbeError(f"pipelined query-status: {replies}/{count} replies in "
+                                 f"{timeout} s ({sent}/{len(payload)} bytes sent)")
+            for _key, events in selector.select(remaining):
+                if events & selectors.EVENT_WRITE and sent < len(payload):
+                    with contextlib.suppress(BlockingIOError):
+                        sent += sock.send(payload[sent:sent + 65536])
+                    if sent == len(payload):
+                        selector.modify(sock, selectors.EVENT_READ)
+                if events & selectors.EVENT_READ:
+                    try:
+                        chunk = sock.recv(262144)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        raise ProbeError(f"QMP connection closed after {replies} replies")
+                    buffer += chunk
+                    replies = _check_replies(buffer, replies)
+        finished = time.monotonic_ns()
+    finally:
+        selector.close()
+        sock.setblocking(True)
+    seconds = (finished - started) / 1e9
+    return ThroughputResult(commands_per_second=count / seconds, count=count, seconds=seconds)
+
+
+def _check_replies(buffer: bytearray, replies: int) -> int:
+    """Consumes complete reply lines from buffer, checking ids; the new reply count."""
+    while True:
+        end = buffer.find(b"\n")
+        if end < 0:
+            return replies
+        line = bytes(buffer[:end + 1])
+        del buffer[:end + 1]
+        message = json.loads(line)
+        if "event" in message:
+            continue
+        if message.get("id") != replies or "return" not in message:
+            raise ProbeError(f"pipelined query-status #{replies}: unexpected reply {message}")
+        replies += 1
