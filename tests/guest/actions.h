@@ -30,6 +30,7 @@ NORETURN void action_blk_read_pattern(void);   /* blk_actions.c */
 NORETURN void action_blk_read_hex(void);       /* blk_actions.c */
 NORETURN void action_blk_ro_check(void);       /* blk_actions.c */
 NORETURN void action_blk_watch(void);          /* blk_actions.c */
+NORETURN void action_blk_bench(void);          /* blk_bench.c */
 NORETURN void action_hostile(void);            /* hostile.c */
 
 #endif

@@ -4,7 +4,8 @@
  * Buffers that devices read or write live in .noinit: a NOLOAD section after .bss
  * in the RW PT_LOAD segment (so it is RAM the loader accounts for) that the entry
  * code does not zero.  Zeroing .bss costs emulated instructions on the kvm_pvm
- * host; the device buffers (about 210 KiB) would triple that cost on every boot.
+ * host; the device buffers (about 2.3 MiB with blk-bench's data area) would multiply
+ * that cost on every boot.
  * Code that needs them zeroed or poisoned does it itself.
  *
  * The bulk helpers use rep movsq/stosq/cmpsq: KVM's instruction emulator runs a

@@ -37,6 +37,7 @@ static const struct action actions[] = {
     { "blk-read-hex", action_blk_read_hex },
     { "blk-ro-check", action_blk_ro_check },
     { "blk-watch", action_blk_watch },
+    { "blk-bench", action_blk_bench },
     { "hostile", action_hostile },
 };
 
