@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib.util
 import os
@@ -12,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import harness, report
-from benchmarks.metrics import GROUPS, METRICS
+from benchmarks.metrics import BLOCK_WORKLOADS, GROUPS, METRICS, MiB
 
 DEFAULTS = {
     # guest: (reps, warm-up pairs, settle seconds, per-run timeout seconds)
@@ -21,6 +22,12 @@ DEFAULTS = {
     # warm-up pair, whose two boots would cost as much as a measured pair.
     "linux": (3, 0, 10.0, 300.0),
 }
+# The block metric boots once per workload, cache mode and monitor (24 runs a pair):
+# fewer pairs keep it to a few minutes.  --reps sets every metric's pairs.
+BLOCK_REPS = 5
+BLOCK_IMAGE_BYTES = 256 * MiB
+# Metrics a guest can take (blk-bench is an svtest action).
+GUEST_GROUPS = {"svtest": GROUPS, "linux": tuple(g for g in GROUPS if g != "block")}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -28,10 +35,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="scripts/bench",
         description="Benchmarks stratovirt-py against QEMU microvm in alternating pairs.")
     parser.add_argument("--guest", choices=sorted(DEFAULTS), default="svtest")
-    parser.add_argument("--reps", type=int, help="measured pairs (svtest 10, linux 3)")
+    parser.add_argument("--reps", type=int,
+                        help=f"measured pairs (svtest 10 and block {BLOCK_REPS}, linux 3)")
     parser.add_argument("--warmup", type=int, help="warm-up pairs, discarded (svtest 1, linux 0)")
-    parser.add_argument("--metrics", default=",".join(GROUPS),
-                        help=f"comma-separated subset of {','.join(GROUPS)}")
+    parser.add_argument("--metrics",
+                        help=f"comma-separated subset of {','.join(GROUPS)} (all that the "
+                             "guest can take: block is svtest only)")
     parser.add_argument("--monitors", default="ours,qemu", help="comma-separated: ours,qemu")
     parser.add_argument("--output", type=Path,
                         help="JSON results (default bench-results/<date>-<guest>.json)")
@@ -51,15 +60,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
     args = parser.parse_args(argv)
     reps, warmup, settle, timeout = DEFAULTS[args.guest]
+    args.block_reps = BLOCK_REPS if args.reps is None else args.reps
     args.reps = reps if args.reps is None else args.reps
     args.warmup = warmup if args.warmup is None else args.warmup
     args.settle = settle if args.settle is None else args.settle
     args.timeout = timeout if args.timeout is None else args.timeout
     if args.reps < 1 or args.warmup < 0 or args.qmp_requests < 1 or args.mem < 1:
         parser.error("--reps, --qmp-requests and --mem must be positive, --warmup >= 0")
+    allowed = GUEST_GROUPS[args.guest]
+    if args.metrics is None:
+        args.metrics = ",".join(allowed)
     args.groups = frozenset(g.strip() for g in args.metrics.split(",") if g.strip())
-    if not args.groups or not args.groups <= set(GROUPS):
-        parser.error(f"--metrics must be a subset of {','.join(GROUPS)}")
+    if not args.groups or not args.groups <= set(allowed):
+        parser.error(f"--metrics must be a subset of {','.join(allowed)} for the "
+                     f"{args.guest} guest")
     args.monitor_names = [m.strip() for m in args.monitors.split(",") if m.strip()]
     if not args.monitor_names or not set(args.monitor_names) <= set(harness.MONITORS) or len(
             set(args.monitor_names)) != len(args.monitor_names):
@@ -110,26 +124,38 @@ def main(argv: list[str] | None = None) -> int:
     except harness.GuestUnavailable as error:
         print(f"bench: {error}", file=sys.stderr)
         return 2
+    block = "block" in args.groups
     settings = harness.Settings(mem_mib=args.mem, smp=1, qmp_requests=args.qmp_requests,
-                                groups=args.groups, python=sys.executable, qemu=args.qemu)
+                                groups=args.groups, python=sys.executable, qemu=args.qemu,
+                                block_reps=args.block_reps if block else None)
     monitors = [harness.MONITORS[name] for name in args.monitor_names]
     started = dt.datetime.now()
     output = args.output or (harness.REPO / "bench-results" /
                              f"{started:%Y-%m-%d-%H%M%S}-{guest.name}.json")
     names = harness.expected_metrics(guest, args.groups)
-    print(f"bench: {guest.name} guest, {args.reps} pairs + {args.warmup} warm-up, "
+    block_text = f" (block {args.block_reps})" if block and args.block_reps != args.reps else ""
+    print(f"bench: {guest.name} guest, {args.reps} pairs{block_text} + {args.warmup} warm-up, "
           f"metrics {','.join(sorted(args.groups))}, monitors {','.join(args.monitor_names)}",
           file=sys.stderr, flush=True)
     interrupted = False
     records: list[harness.RunRecord] = []
     with tempfile.TemporaryDirectory(prefix="svpy-bench-") as workdir:
+        if block:
+            image = Path(workdir) / "disk.img"
+            try:
+                harness.make_disk_image(image, BLOCK_IMAGE_BYTES)
+            except harness.DiskImageError as error:
+                print(f"bench: {error}", file=sys.stderr)
+                return 2
+            settings = dataclasses.replace(settings, block_image=image)
         try:
             records = harness.run_pairs(monitors, guest, settings, args.reps, args.warmup,
                                         Path(workdir), print_progress)
         except KeyboardInterrupt:
             # The runs' own finally blocks have killed the monitors by now.
             interrupted = True
-    rows = report.metric_rows(records, names, args.monitor_names, args.reps)
+    rows = report.metric_rows(records, names, args.monitor_names, args.reps,
+                              harness.metric_reps(names, settings, args.reps))
     document = {
         "host": report.host_facts(args.qemu if "qemu" in args.monitor_names else None),
         "config": {
@@ -140,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             "monitors": args.monitor_names, "mem_mib": args.mem, "smp": 1,
             "qmp_requests": args.qmp_requests, "settle_s": args.settle,
             "timeout_s": args.timeout, "interrupted": interrupted,
+            "block": {
+                "reps": args.block_reps, "image_bytes": BLOCK_IMAGE_BYTES,
+                "workloads": [dataclasses.asdict(w) for w in BLOCK_WORKLOADS],
+                "cmdlines": {case.metric: guest.block_cmdline(case)
+                             for case in harness.block_cases(guest, args.groups)},
+            } if block else None,
         },
         "metrics": rows,
         "runs": [r.as_dict() for r in records],

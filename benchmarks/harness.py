@@ -11,6 +11,10 @@ Run kinds:
              harness connects to QMP as early as it can (start), waits until the
              guest is idle (boot markers for Linux), samples memory, runs the QMP
              probes, then sends `quit`.
+    block.*  svtest only, one per block metric (the kind is the metric's name):
+             the disk image's page cache is put in its state, then the guest runs
+             `blk-bench` with the disk attached and the monitor runs to its exit.
+             All block kinds run in the first `block_reps` pairs only.
 
 Every monitor process is killed in a `finally` (SIGKILL if still alive), every
 wait has a deadline, sockets live in a temporary directory, and a run that fails
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import subprocess
 import time
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import metrics
-from benchmarks.metrics import NS_PER_MS, ProbeError
+from benchmarks.metrics import BLOCK_CASES, NS_PER_MS, BlockCase, ProbeError
 from benchmarks.smaps import RamMappingError, account_process
 from stratovirt_py.arch.x86_64.host_quirks import host_cmdline_additions, host_is_pvm
 
@@ -48,6 +53,10 @@ class GuestUnavailable(RuntimeError):
     """The requested guest's files are missing."""
 
 
+class DiskImageError(RuntimeError):
+    """The block metric's disk image cannot be made or used."""
+
+
 @dataclass(frozen=True)
 class Guest:
     name: str
@@ -62,13 +71,20 @@ class Guest:
     boot_cmdline: str | None
     settle_s: float
     timeout_s: float
+    # Whether the guest has the blk-bench action (the block metric).
+    block: bool = False
+    # --append, kept apart so the block runs can put it after their own arguments.
+    extra_cmdline: str = ""
+
+    def block_cmdline(self, case: BlockCase) -> str:
+        return f"{case.workload.cmdline()} {self.extra_cmdline}".strip()
 
 
 def svtest_guest(kernel: Path, settle_s: float, timeout_s: float) -> Guest:
     return Guest(name="svtest", kernel=kernel, initrd=None,
                  session_cmdline="svtest.action=halt-loop", ready=SVTEST_DONE,
                  session_markers={}, boot_cmdline="svtest.action=reboot",
-                 settle_s=settle_s, timeout_s=timeout_s)
+                 settle_s=settle_s, timeout_s=timeout_s, block=True)
 
 
 def linux_guest(kernel: Path, initrd: Path | None, settle_s: float, timeout_s: float) -> Guest:
@@ -95,7 +111,7 @@ def with_extra_cmdline(guest: Guest, extra: str) -> Guest:
         return guest
     boot = f"{guest.boot_cmdline} {extra}" if guest.boot_cmdline is not None else None
     return dataclasses.replace(guest, session_cmdline=f"{guest.session_cmdline} {extra}",
-                               boot_cmdline=boot)
+                               boot_cmdline=boot, extra_cmdline=extra)
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,9 @@ class Settings:
     groups: frozenset[str]
     python: str
     qemu: str
+    # The block metric's disk image (made by `make_disk_image`) and its pair count.
+    block_image: Path | None = None
+    block_reps: int | None = None  # None: as many as the other metrics
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,8 @@ class Monitor:
     name: str
     # (guest, cmdline, qmp socket path, settings) -> argv
     command: Callable[[Guest, str, Path, Settings], list[str]]
+    # (image, direct) -> the arguments adding it as the guest's disk 0
+    disk: Callable[[Path, bool], list[str]]
     env: dict[str, str] | None = None
 
 
@@ -142,6 +163,20 @@ def qemu_command(guest: Guest, cmdline: str, qmp: Path, settings: Settings) -> l
     return [*argv, "-append", f"{cmdline} {extra}".strip()]
 
 
+def ours_disk(image: Path, direct: bool) -> list[str]:
+    return ["-drive", f"id=d0,file={image},direct={'on' if direct else 'off'}",
+            "-device", "virtio-blk-device,drive=d0,id=d0"]
+
+
+def qemu_disk(image: Path, direct: bool) -> list[str]:
+    # The guest drives only modern (version 2) virtio-mmio; cache=none is O_DIRECT
+    # like direct=on, cache=writeback goes through the page cache like direct=off.
+    cache = "none" if direct else "writeback"
+    return ["-global", "virtio-mmio.force-legacy=false",
+            "-drive", f"id=d0,file={image},format=raw,if=none,cache={cache}",
+            "-device", "virtio-blk-device,drive=d0"]
+
+
 def ours_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -149,8 +184,8 @@ def ours_env() -> dict[str, str]:
 
 
 MONITORS = {
-    "ours": Monitor("ours", ours_command, ours_env()),
-    "qemu": Monitor("qemu", qemu_command, None),
+    "ours": Monitor("ours", ours_command, ours_disk, ours_env()),
+    "qemu": Monitor("qemu", qemu_command, qemu_disk, None),
 }
 
 
@@ -297,6 +332,86 @@ def run_session(record: RunRecord, monitor: Monitor, guest: Guest, settings: Set
                 client.close()
 
 
+def make_disk_image(path: Path, size: int) -> None:
+    """`size` random bytes, every block written (a sparse image would read holes for free).
+
+    DiskImageError when the file system cannot hold it or refuses O_DIRECT, which
+    the .direct block runs need (tmpfs before Linux 6.6 does: set TMPDIR elsewhere).
+    """
+    chunk = 1 << 20
+    try:
+        with path.open("wb") as image:
+            for _ in range(size // chunk):
+                image.write(os.urandom(chunk))
+            image.write(os.urandom(size % chunk))
+            image.flush()
+            os.fsync(image.fileno())
+        allocated = path.stat().st_blocks * 512
+        if allocated < size:
+            raise DiskImageError(f"{path}: only {allocated} of {size} bytes allocated")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        os.close(fd)
+    except OSError as error:
+        if error.errno == errno.EINVAL:
+            raise DiskImageError(f"{path.parent} does not support O_DIRECT: set TMPDIR to a "
+                                 "directory on a disk file system") from error
+        raise DiskImageError(f"cannot write the disk image {path}: {error}") from error
+
+
+def prepare_image_cache(image: Path, cached: bool) -> dict[str, float]:
+    """Syncs, then leaves `image` wholly in the page cache (cached) or wholly out of it.
+
+    The timings go into the run's details.
+    """
+    started = time.monotonic()
+    os.sync()
+    synced = time.monotonic()
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        if cached:
+            buffer = bytearray(1 << 20)
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as reader:
+                while reader.readinto(buffer):
+                    pass
+        else:
+            # Clean pages only: that is why the sync comes first.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return {"sync_ms": (synced - started) * 1e3, "cache_ms": (time.monotonic() - synced) * 1e3}
+
+
+def run_block(record: RunRecord, monitor: Monitor, guest: Guest, case: BlockCase,
+              image: Path, workdir: Path) -> None:
+    """One blk-bench run: page cache state, boot with the disk, time the run, exit."""
+    record.details["prepare"] = prepare_image_cache(image, cached=not case.direct)
+    stderr_path = workdir / f"{record.monitor}-{record.kind}-{record.pair}.stderr"
+    with launched(record.argv, monitor.env, {}, stderr_path) as run:
+        try:
+            exited = run.exits.wait(run.t0 + int(guest.timeout_s * 1e9))
+            if exited is None:
+                raise ProbeError(f"the monitor did not exit within {guest.timeout_s} s")
+            code = run.process.wait(timeout=10)
+            # All output is in once the reader has seen the end of the pipe.
+            run.serial.join()
+            record.details["exit_status"] = code
+            result = metrics.parse_blk_bench(bytes(run.serial.data), run.serial.arrival_ns)
+            record.details["blk_bench"] = result.as_dict()
+            ran = (result.mode, result.bs, result.qd, result.requests)
+            wanted = (case.workload.mode, case.workload.bs, case.workload.qd,
+                      case.workload.count)
+            if ran != wanted:
+                # --append overrode a key the metric's name stands for.
+                raise ProbeError(f"the guest ran mode, bs, qd, count = {ran}, not {wanted}")
+            if code != 0:
+                raise ProbeError(f"the monitor exited with status {code}")
+            record.values[case.metric] = result.value(case.workload.unit)
+        except (ProbeError, OSError, subprocess.TimeoutExpired) as error:
+            record.error = str(error)
+            record.details["serial_tail"] = run.serial.tail()
+            record.details["stderr_tail"] = run.stderr_tail()
+
+
 def _boot_check(run: Launched, client: metrics.QmpClient) -> Callable[[], None]:
     """Gives up on a boot early: the monitor exited, or QMP says the guest stopped.
 
@@ -349,7 +464,23 @@ def run_kinds(guest: Guest, groups: frozenset[str]) -> list[str]:
                                                     else set())
     if groups & session_groups:
         kinds.append("session")
-    return kinds
+    return kinds + [case.metric for case in block_cases(guest, groups)]
+
+
+def block_cases(guest: Guest, groups: frozenset[str]) -> list[BlockCase]:
+    return list(BLOCK_CASES) if guest.block and "block" in groups else []
+
+
+def kind_reps(kind: str, settings: Settings, reps: int) -> int:
+    """Measured pairs of a run kind: the block kinds may have fewer than the rest."""
+    if kind.startswith("block.") and settings.block_reps is not None:
+        return settings.block_reps
+    return reps
+
+
+def metric_reps(names: list[str], settings: Settings, reps: int) -> dict[str, int]:
+    """Measured pairs per metric (a block metric's run kind is the metric's name)."""
+    return {name: kind_reps(name, settings, reps) for name in names}
 
 
 def expected_metrics(guest: Guest, groups: frozenset[str]) -> list[str]:
@@ -359,24 +490,46 @@ def expected_metrics(guest: Guest, groups: frozenset[str]) -> list[str]:
               else ["boot.first-byte", "boot.run-init", "boot.userspace"])
     names += ["memory.overhead-rss", "memory.overhead-pss",
               "qmp.latency-p50", "qmp.latency-p99", "qmp.throughput"]
-    return [n for n in names if metrics.METRICS[n].group in groups]
+    names = [n for n in names if metrics.METRICS[n].group in groups]
+    return names + [case.metric for case in block_cases(guest, groups)]
 
 
 def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: int,
               warmup: int, workdir: Path,
               progress: Callable[[RunRecord, int], None] | None = None) -> list[RunRecord]:
-    """All runs, warm-up pairs first (pair index -warmup..-1), then pairs 0..reps-1."""
+    """All runs, warm-up pairs first (pair index -warmup..-1), then pairs 0..reps-1.
+
+    A kind with fewer pairs (`kind_reps`, the block metric) runs in the first ones.
+    """
     records: list[RunRecord] = []
-    for pair in range(-warmup, reps):
-        for kind in run_kinds(guest, settings.groups):
+    kinds = run_kinds(guest, settings.groups)
+    cases = {case.metric: case for case in block_cases(guest, settings.groups)}
+    if cases and settings.block_image is None:
+        raise ValueError("the block metric needs Settings.block_image")
+    last_pair = max((kind_reps(kind, settings, reps) for kind in kinds), default=0)
+    for pair in range(-warmup, last_pair):
+        for kind in kinds:
+            pairs = kind_reps(kind, settings, reps)
+            if pair >= pairs:
+                continue
+            case = cases.get(kind)
             for monitor in monitors:
                 qmp_path = workdir / f"{monitor.name}-{kind}-{pair}.qmp"
-                cmdline = (guest.boot_cmdline if kind == "boot" else guest.session_cmdline)
-                assert cmdline is not None
-                record = RunRecord(pair=pair, kind=kind, monitor=monitor.name,
-                                   argv=monitor.command(guest, cmdline, qmp_path, settings))
+                if case is not None:
+                    assert settings.block_image is not None
+                    argv = (monitor.command(guest, guest.block_cmdline(case), qmp_path,
+                                            settings)
+                            + monitor.disk(settings.block_image, case.direct))
+                else:
+                    cmdline = guest.boot_cmdline if kind == "boot" else guest.session_cmdline
+                    assert cmdline is not None
+                    argv = monitor.command(guest, cmdline, qmp_path, settings)
+                record = RunRecord(pair=pair, kind=kind, monitor=monitor.name, argv=argv)
                 try:
-                    if kind == "boot":
+                    if case is not None:
+                        assert settings.block_image is not None
+                        run_block(record, monitor, guest, case, settings.block_image, workdir)
+                    elif kind == "boot":
                         run_boot(record, monitor, guest, workdir)
                     else:
                         run_session(record, monitor, guest, settings, qmp_path, workdir)
@@ -385,7 +538,7 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
                     record.error = f"harness error: {type(error).__name__}: {error}"
                 records.append(record)
                 if progress is not None:
-                    progress(record, reps)
+                    progress(record, pairs)
     return records
 
 
@@ -394,7 +547,8 @@ def samples_by_pair(records: list[RunRecord], metric: str, monitor: str, reps: i
     """metric's value for each measured pair (None where the run failed or lacked it)."""
     values: list[float | None] = [None] * reps
     for record in records:
-        if record.monitor == monitor and not record.warmup and record.error is None:
+        if (record.monitor == monitor and 0 <= record.pair < reps
+                and record.error is None):
             value = record.values.get(metric)
             if value is not None:
                 values[record.pair] = value

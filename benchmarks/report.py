@@ -58,16 +58,20 @@ def host_facts(qemu: str | None) -> dict[str, Any]:
     }
 
 
-def metric_rows(records: list[RunRecord], names: list[str], monitors: list[str], reps: int
-                ) -> list[dict[str, Any]]:
-    """Per metric: samples by pair, summaries per monitor and of the paired ratios."""
+def metric_rows(records: list[RunRecord], names: list[str], monitors: list[str], reps: int,
+                metric_reps: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Per metric: samples by pair, summaries per monitor and of the paired ratios.
+
+    `metric_reps` gives the metrics measured in fewer pairs than `reps` their count.
+    """
     rows = []
     for name in names:
         info = METRICS[name]
-        samples = {m: samples_by_pair(records, name, m, reps) for m in monitors}
+        pairs = (metric_reps or {}).get(name, reps)
+        samples = {m: samples_by_pair(records, name, m, pairs) for m in monitors}
         row: dict[str, Any] = {
             "metric": name, "unit": info.unit, "better": info.better, "label": info.label,
-            "samples": samples,
+            "reps": pairs, "samples": samples,
         }
         for monitor in monitors:
             summary = summarize([v for v in samples[monitor] if v is not None])
@@ -110,7 +114,7 @@ def format_table(rows: list[dict[str, Any]], monitors: list[str], reps: int) -> 
     lines = [header]
     for row in rows:
         cells = [row["metric"], row["unit"], row["better"]]
-        cells += [_cell(row[m], reps) for m in monitors]
+        cells += [_cell(row[m], row.get("reps", reps)) for m in monitors]
         if paired:
             ratio = row.get("ratio_ours_over_qemu")
             cells.append(f"{ratio['median']:.3f} (n={ratio['n']})" if ratio else "-")
@@ -123,8 +127,10 @@ def format_table(rows: list[dict[str, Any]], monitors: list[str], reps: int) -> 
         text.append("")
         text.append("ratio = median over pairs i of ours_i / qemu_i. For times (ms, us) and "
                     "memory (MiB), < 1 means ours is faster/smaller;")
-        text.append("for qmp.throughput (cmd/s, higher is better), > 1 means ours handles "
-                    "more commands per second.")
+        higher = sorted({row["unit"] for row in rows if row["better"] == "higher"})
+        if higher:
+            text.append(f"for rates ({', '.join(higher)}, higher is better), > 1 means ours "
+                        "does more per second.")
     return "\n".join(text)
 
 

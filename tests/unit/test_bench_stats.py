@@ -15,11 +15,17 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import harness
+from benchmarks.__main__ import BLOCK_REPS, parse_args
 from benchmarks.harness import RunRecord, samples_by_pair
 from benchmarks.metrics import (
+    BLOCK_CASES,
+    BLOCK_WORKLOADS,
+    METRICS,
     ProbeError,
     QmpClient,
     SerialWatcher,
+    parse_blk_bench,
     query_status_latency,
     query_status_throughput,
 )
@@ -380,3 +386,212 @@ def test_serial_end_before_the_marker_is_an_error():
     finally:
         watcher.join()
         os.close(read_end)
+
+
+# The block metric: blk-bench output, run bookkeeping, the disk image.
+
+BLK_CONFIG = (b"svtest: action=blk-bench\r\n"
+              b"svtest: blk-bench config capacity=524288 queue-size=64 event-idx=1 "
+              b"layout=direct segs=1 buffers=distinct irq=0 tsc-khz=2500000 "
+              b"tsc-source=assumed\r\n")
+BLK_START = b"svtest: blk-bench start mode=randread bs=4096 qd=16 count=8000\r\n"
+BLK_DONE = (b"svtest: blk-bench done requests=8000 bytes=32768000 errors=0\r\n"
+            b"svtest: blk-bench guest-ms=410 tsc-ticks=1025000000 notifies=377\r\n"
+            b"svtest: done\r\n")
+
+
+def _arrivals(*reads: bytes, step_ns: int = 250_000_000):
+    """The output of these reads, and arrival_ns as if read i returned at i * step_ns."""
+    ends = []
+    total = 0
+    for chunk in reads:
+        total += len(chunk)
+        ends.append(total)
+
+    def arrival_ns(offset: int) -> int | None:
+        for i, end in enumerate(ends):
+            if offset < end:
+                return i * step_ns
+        return None
+    return b"".join(reads), arrival_ns
+
+
+def test_blk_bench_time_runs_from_the_start_newline_to_the_next_byte():
+    # The start line's newline closes read 1, the done line opens read 2: 0.25 s.
+    data, arrival_ns = _arrivals(BLK_CONFIG + BLK_START[:20], BLK_START[20:], BLK_DONE)
+    result = parse_blk_bench(data, arrival_ns)
+    assert (result.mode, result.bs, result.qd, result.requests) == ("randread", 4096, 16, 8000)
+    assert result.seconds == 0.25
+    assert result.value("IOPS") == 32000.0
+    assert result.value("MiB/s") == 32768000 / 0.25 / MiB
+    assert (result.guest_ms, result.tsc_ticks, result.notifies) == (410, 1025000000, 377)
+    assert result.as_dict()["host_ms"] == 250.0
+
+
+def test_blk_bench_done_in_the_same_read_as_the_start_newline_is_refused():
+    data, arrival_ns = _arrivals(BLK_CONFIG, BLK_START + BLK_DONE)
+    with pytest.raises(ProbeError, match="one read"):
+        parse_blk_bench(data, arrival_ns)
+
+
+@pytest.mark.parametrize("output, message", [
+    # Request errors: a failed run, with the first error's line.
+    (BLK_START + b"svtest: blk-bench done requests=8000 bytes=32755712 errors=3\r\n"
+     b"svtest: blk-bench guest-ms=1 tsc-ticks=1 notifies=1\r\n"
+     b"svtest: blk-bench first-error status=1 sector=88\r\n", "errors=3.*status=1 sector=88"),
+    (BLK_START + b"svtest: blk-bench FAIL result=timeout completed=5 issued=21 used-idx=5 "
+     b"last-used=5 avail-idx=21 status=0xf isr=0x0\r\nsvtest: done\r\n", "FAIL result=timeout"),
+    (b"svtest: blk-bench FAIL init=no-version-1\r\nsvtest: done\r\n", "FAIL init"),
+    (BLK_START, "no 'svtest: blk-bench done'"),
+    (b"svtest: unknown-action=blk-bench\r\nsvtest: done\r\n", "no 'svtest: blk-bench start'"),
+    (BLK_START + b"svtest: blk-bench done requests=7999 bytes=32763904 errors=0\r\n",
+     "requests=7999.*count=8000"),
+    (BLK_START + b"svtest: tick 1\r\n" + BLK_DONE, "between the blk-bench start and done"),
+])
+def test_blk_bench_failures(output, message):
+    data, arrival_ns = _arrivals(BLK_CONFIG + output[:len(BLK_START)],
+                                 output[len(BLK_START):])
+    with pytest.raises(ProbeError, match=message):
+        parse_blk_bench(data, arrival_ns)
+
+
+def test_serial_arrival_of_each_byte():
+    read_end, write_end = os.pipe()
+    watcher = SerialWatcher(read_end, {"start": b"start\n"})
+    try:
+        os.write(write_end, b"start\n")
+        watcher.wait_for("start", time.monotonic_ns() + 10 * 10**9)
+        os.write(write_end, b"done\n")
+    finally:
+        os.close(write_end)
+        watcher.join()
+        os.close(read_end)
+    first = watcher.arrival_ns(0)
+    assert first is not None and first == watcher.first_byte_ns == watcher.arrival_ns(5)
+    # The second write came in a later read, never an earlier one.
+    assert watcher.arrival_ns(6) == watcher.arrival_ns(10) >= first
+    assert watcher.arrival_ns(11) is None
+
+
+def test_block_metrics_cover_every_workload_and_cache_mode():
+    names = [case.metric for case in BLOCK_CASES]
+    assert len(names) == len(set(names)) == 2 * len(BLOCK_WORKLOADS)
+    assert {"block.randread-4k-qd16.buffered", "block.randread-4k-qd1.direct",
+            "block.randwrite-4k-qd16.direct", "block.randwrite-4k-qd1.buffered",
+            "block.seqread-128k-qd16.direct", "block.seqwrite-128k-qd16.buffered"} <= set(names)
+    for case in BLOCK_CASES:
+        info = METRICS[case.metric]
+        assert (info.group, info.better) == ("block", "higher")
+        assert info.unit == ("IOPS" if case.workload.mode.startswith("rand") else "MiB/s")
+        assert case.direct == (case.cache == "direct")
+        cmdline = case.workload.cmdline()
+        assert f"svtest.mode={case.workload.mode} " in cmdline
+        assert "svtest.action=blk-bench" in cmdline
+
+
+def test_disk_arguments_of_both_monitors():
+    image = Path("/tmp/x/disk.img")
+    assert harness.ours_disk(image, True) == [
+        "-drive", "id=d0,file=/tmp/x/disk.img,direct=on",
+        "-device", "virtio-blk-device,drive=d0,id=d0"]
+    assert "id=d0,file=/tmp/x/disk.img,direct=off" in harness.ours_disk(image, False)
+    qemu = harness.qemu_disk(image, True)
+    assert qemu[:2] == ["-global", "virtio-mmio.force-legacy=false"]
+    assert "id=d0,file=/tmp/x/disk.img,format=raw,if=none,cache=none" in qemu
+    assert "id=d0,file=/tmp/x/disk.img,format=raw,if=none,cache=writeback" in (
+        harness.qemu_disk(image, False))
+
+
+def test_block_is_in_the_default_metrics_of_svtest_only():
+    args = parse_args([])
+    assert "block" in args.groups
+    assert (args.reps, args.block_reps) == (10, BLOCK_REPS)
+    assert parse_args(["--reps", "3"]).block_reps == 3
+    assert "block" not in parse_args(["--guest", "linux"]).groups
+    with pytest.raises(SystemExit):
+        parse_args(["--guest", "linux", "--metrics", "block"])
+
+
+def _settings(groups, block_reps=None, image=None):
+    return harness.Settings(mem_mib=256, smp=1, qmp_requests=10, groups=frozenset(groups),
+                            python=sys.executable, qemu="qemu-system-x86_64",
+                            block_image=image, block_reps=block_reps)
+
+
+def test_block_runs_take_the_first_block_reps_pairs(monkeypatch, tmp_path):
+    def fake_block(record, monitor, guest, case, image, workdir):
+        record.values[case.metric] = 100.0 + record.pair
+        if record.pair == 1 and record.monitor == "qemu":
+            record.error = "blk-bench errors=1 of requests=8000"
+
+    def fake_session(record, *args):
+        record.values["start.qmp-greeting"] = 50.0
+
+    monkeypatch.setattr(harness, "run_block", fake_block)
+    monkeypatch.setattr(harness, "run_session", fake_session)
+    guest = harness.svtest_guest(Path("guest.elf"), 1.0, 30.0)
+    image = tmp_path / "disk.img"
+    settings = _settings({"start", "block"}, block_reps=2, image=image)
+    monitors = [harness.MONITORS["ours"], harness.MONITORS["qemu"]]
+    records = harness.run_pairs(monitors, guest, settings, 4, 1, tmp_path)
+
+    block = [r for r in records if r.kind.startswith("block.")]
+    # Warm-up pair and 2 measured pairs, each case on ours then QEMU, back to back.
+    assert len(block) == 3 * len(BLOCK_CASES) * 2
+    assert {r.pair for r in block} == {-1, 0, 1}
+    assert [r.monitor for r in block[:4]] == ["ours", "qemu", "ours", "qemu"]
+    assert block[0].kind == block[1].kind == BLOCK_CASES[0].metric
+    assert len([r for r in records if r.kind == "session"]) == 5 * 2
+    ours = block[0].argv
+    assert ours[ours.index("-append") + 1] == BLOCK_CASES[0].workload.cmdline()
+    assert f"id=d0,file={image},direct=off" in ours
+    assert f"id=d0,file={image},format=raw,if=none,cache=writeback" in block[1].argv
+
+    names = harness.expected_metrics(guest, settings.groups)
+    assert names == ["start.qmp-greeting", *(case.metric for case in BLOCK_CASES)]
+    reps = harness.metric_reps(names, settings, 4)
+    assert reps["start.qmp-greeting"] == 4 and reps[BLOCK_CASES[0].metric] == 2
+    rows = metric_rows(records, names, ["ours", "qemu"], 4, reps)
+    first = rows[1]
+    assert first["reps"] == 2
+    assert first["samples"] == {"ours": [100.0, 101.0], "qemu": [100.0, None]}
+    assert first["ratio_ours_over_qemu"]["n"] == 1
+    table = format_table(rows, ["ours", "qemu"], 4)
+    assert "100.5 [100.0-101.0]  " in table  # 2 of 2 pairs: no count shown
+    assert "100.0 [100.0-100.0] (1/2)" in table
+    assert "50.00 [50.00-50.00]  " in table
+    assert "for rates (IOPS, MiB/s, higher is better)" in table
+
+
+def test_linux_guest_has_no_block_runs():
+    # harness.linux_guest wants its files to exist; the Guest itself does not.
+    linux = harness.Guest(name="linux", kernel=Path("vmlinux"), initrd=None,
+                          session_cmdline="console=ttyS0", ready=b"x", session_markers={},
+                          boot_cmdline=None, settle_s=1, timeout_s=1)
+    assert harness.block_cases(linux, frozenset({"block"})) == []
+    assert harness.run_kinds(linux, frozenset({"block"})) == []
+
+
+def test_block_cmdline_puts_append_last():
+    guest = harness.with_extra_cmdline(harness.svtest_guest(Path("g"), 1.0, 30.0),
+                                       "svtest.irq=1")
+    case = BLOCK_CASES[0]
+    assert guest.block_cmdline(case) == f"{case.workload.cmdline()} svtest.irq=1"
+    assert guest.session_cmdline == "svtest.action=halt-loop svtest.irq=1"
+
+
+def test_disk_image_is_fully_allocated_random_bytes(tmp_path):
+    image = tmp_path / "disk.img"
+    size = 3 * MiB + 512
+    try:
+        harness.make_disk_image(image, size)
+    except harness.DiskImageError as error:
+        if "O_DIRECT" in str(error):
+            pytest.skip(str(error))
+        raise
+    assert image.stat().st_size == size
+    assert image.stat().st_blocks * 512 >= size
+    data = image.read_bytes()
+    assert data.count(0) < len(data) // 64
+    for cached in (True, False):
+        assert set(harness.prepare_image_cache(image, cached)) == {"sync_ms", "cache_ms"}
