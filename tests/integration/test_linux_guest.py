@@ -1,0 +1,231 @@
+"""The project's Linux guest on real KVM: boot to user space, shell, virtio-blk, QMP, hot-plug.
+
+Booting Linux takes tens of seconds on software-emulated hosts, so one guest
+is shared by every test in this module, in order.  Its serial log is kept in
+test-artifacts/linux-guest/serial.log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ARTIFACTS
+from tests.helpers import MONITOR, REPO, monitor_env
+
+pytestmark = pytest.mark.linux
+
+GUEST = REPO / "build" / "guest"
+KERNEL, INITRAMFS, ROOTFS = GUEST / "vmlinux", GUEST / "initramfs.cpio", GUEST / "rootfs.ext4"
+BOOT_TIMEOUT = 600
+USER_SPACE_MARKER = "stratovirt-py guest: user space ready"
+SECTOR = 512
+
+
+class LinuxGuest:
+    """A booted Linux guest: console over the monitor's stdio, QMP on a socket."""
+
+    def __init__(self, workdir: Path, log_path: Path, *args: str) -> None:
+        self.qmp_path = workdir / "qmp.sock"
+        self.log_path = log_path
+        self.log = bytearray()
+        self.lock = threading.Lock()
+        self.process = subprocess.Popen(
+            [*MONITOR, "-kernel", str(KERNEL), "-initrd", str(INITRAMFS), "-m", "256",
+             "-append", "console=ttyS0 reboot=k panic=-1", "-serial", "stdio",
+             "-qmp", f"unix:{self.qmp_path},server,nowait", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=monitor_env())
+        self.reader = threading.Thread(target=self._read_console, daemon=True)
+        self.reader.start()
+        self.qmp_buffer = b""
+        self.events: list[dict] = []
+        self.qmp: socket.socket | None = None
+
+    def _read_console(self) -> None:
+        assert self.process.stdout is not None
+        with open(self.log_path, "wb") as log:
+            while chunk := os.read(self.process.stdout.fileno(), 65536):
+                log.write(chunk)
+                log.flush()
+                with self.lock:
+                    self.log += chunk
+
+    def text(self) -> str:
+        with self.lock:
+            return self.log.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 120, start: int = 0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.compile(pattern).search(self.text(), start)
+            if match:
+                return match
+            assert self.process.poll() is None, f"monitor exited: {self.text()[-2000:]}"
+            assert time.monotonic() < deadline, f"no {pattern!r} in: {self.text()[-2000:]}"
+            time.sleep(0.1)
+
+    def shell(self, command: str, timeout: float = 120) -> str:
+        """Runs a command on the guest's console; returns what it printed."""
+        assert self.process.stdin is not None
+        marker = f"done-{time.monotonic_ns()}"
+        start = len(self.text())
+        # The marker is computed by the shell, so the echoed command line cannot match it.
+        typed = f"{command}; echo {marker[:5]}$((1)){marker[5:]}"
+        self.process.stdin.write(typed.encode() + b"\n")
+        self.process.stdin.flush()
+        expected = marker[:5] + "1" + marker[5:]
+        match = self.wait_for(re.escape(expected), timeout, start)
+        output = self.text()[start:match.start()]
+        # Drop everything up to the end of the echoed command line.
+        echoed = output.rfind(typed[-20:])
+        if echoed >= 0:
+            output = output[echoed:].split("\n", 1)[1] if "\n" in output[echoed:] else ""
+        return output
+
+    def connect_qmp(self) -> None:
+        self.qmp = socket.socket(socket.AF_UNIX)
+        self.qmp.settimeout(60)
+        self.qmp.connect(str(self.qmp_path))
+        greeting = self._qmp_line()
+        assert "QMP" in greeting
+
+    def _qmp_line(self) -> dict:
+        assert self.qmp is not None
+        while b"\r\n" not in self.qmp_buffer:
+            chunk = self.qmp.recv(65536)
+            assert chunk, "QMP connection closed"
+            self.qmp_buffer += chunk
+        line, _, self.qmp_buffer = self.qmp_buffer.partition(b"\r\n")
+        return json.loads(line)
+
+    def execute(self, name: str, **arguments) -> dict:
+        assert self.qmp is not None
+        request: dict = {"execute": name}
+        if arguments:
+            request["arguments"] = arguments
+        self.qmp.sendall(json.dumps(request).encode())
+        while True:
+            message = self._qmp_line()
+            if "event" in message:
+                self.events.append(message)
+            else:
+                return message
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def linux(tmp_path_factory):
+    for artifact in (KERNEL, INITRAMFS, ROOTFS):
+        if not artifact.exists():
+            pytest.fail(f"{artifact} is missing: run scripts/build-guest-kernel and "
+                        f"scripts/build-guest-rootfs (scripts/setup does both)")
+    workdir = tmp_path_factory.mktemp("linux")
+    data_disk = workdir / "data.ext4"
+    shutil.copy(ROOTFS, data_disk)
+    artifacts = ARTIFACTS / "linux-guest"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    guest = LinuxGuest(workdir, artifacts / "serial.log",
+                       "-drive", f"id=data,file={data_disk},direct=off,serial=DATA-DISK",
+                       "-device", "virtio-blk-device,drive=data,id=data")
+    guest.workdir = workdir  # type: ignore[attr-defined]
+    guest.data_disk = data_disk  # type: ignore[attr-defined]
+    try:
+        guest.wait_for("Run /init as init process", timeout=BOOT_TIMEOUT)
+        guest.connect_qmp()
+        yield guest
+    finally:
+        guest.stop()
+        (artifacts / "monitor.log").write_bytes(guest.process.stderr.read()
+                                                if guest.process.stderr else b"")
+
+
+def test_reaches_user_space(linux):
+    linux.wait_for(re.escape(USER_SPACE_MARKER), timeout=BOOT_TIMEOUT)
+    assert linux.shell("echo $((6 * 7))").strip() == "42"
+
+
+def test_virtio_blk_probes_every_slot(linux):
+    text = linux.text()
+    capacity = linux.data_disk.stat().st_size // SECTOR
+    assert re.search(rf"\[vda\] {capacity} 512-byte logical blocks", text)
+    for name in "bcdef":
+        assert re.search(rf"\[vd{name}\] 0 512-byte logical blocks", text)
+    assert linux.shell("cat /sys/block/vda/size").strip() == str(capacity)
+    assert linux.shell("cat /sys/block/vda/serial").strip() == "DATA-DISK"
+
+
+def test_query_cpus_gives_real_vcpu_threads(linux):
+    cpus = linux.execute("query-cpus")["return"]
+    tasks = {int(t) for t in os.listdir(f"/proc/{linux.process.pid}/task")}
+    assert [c["CPU"] for c in cpus] == [0]
+    assert cpus[0]["thread_id"] in tasks
+    assert linux.execute("query-status")["return"] == {
+        "running": True, "singlestep": False, "status": "running"}
+
+
+def test_stop_freezes_the_shell_until_cont(linux):
+    assert linux.execute("stop") == {"return": {}}
+    assert linux.events[-1]["event"] == "STOP"
+    start = len(linux.text())
+    assert linux.process.stdin is not None
+    linux.process.stdin.write(b"echo resumed-$((40 + 2))\n")
+    linux.process.stdin.flush()
+    time.sleep(3)
+    assert "resumed-42" not in linux.text()[start:]  # a paused guest runs nothing
+    assert linux.execute("cont") == {"return": {}}
+    assert linux.events[-1]["event"] == "RESUME"
+    linux.wait_for("resumed-42", start=start)
+
+
+def test_guest_writes_to_ext4_reach_the_image(linux):
+    output = linux.shell("mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && "
+                         "echo written-by-the-guest > /mnt/hello.txt && umount /mnt && "
+                         "echo mount-ok")
+    assert "mount-ok" in output, output
+    dump = subprocess.run(["debugfs", "-R", "cat /hello.txt", str(linux.data_disk)],
+                          capture_output=True, timeout=60)
+    assert dump.stdout.strip() == b"written-by-the-guest"
+
+
+def test_hot_plug_unplug_and_data(linux):
+    image = linux.workdir / "hot.img"
+    with open(image, "wb") as file:
+        file.truncate(8 << 20)
+    start = len(linux.text())
+    assert linux.execute("blockdev-add", **{
+        "node-name": "drive-0", "file": {"driver": "file", "filename": str(image)},
+        "cache": {"direct": True}, "read-only": False}) == {"return": {}}
+    assert linux.execute("device_add", id="drive-0", driver="virtio-blk-mmio",
+                         addr="0x1") == {"return": {}}
+    linux.wait_for(r"vdb: detected capacity change from 0 to 16384", start=start)
+    assert linux.shell("cat /sys/block/vdb/size").strip() == "16384"
+    linux.shell("echo hot-plugged-data | dd of=/dev/vdb bs=512 conv=sync 2>/dev/null; sync")
+    reply = linux.execute("device_del", id="drive-0")
+    assert reply == {"return": {}}
+    assert linux.events[-1]["event"] == "DEVICE_DELETED"
+    assert linux.events[-1]["data"] == {"device": "drive-0", "path": "drive-0"}
+    linux.wait_for(r"vdb: detected capacity change from 16384 to 0", start=start)
+    assert image.read_bytes()[:17] == b"hot-plugged-data\n"
+
+
+def test_quit_ends_the_vm(linux):
+    assert linux.execute("quit") == {"return": {}}
+    shutdown = linux._qmp_line()
+    assert shutdown["event"] == "SHUTDOWN"
+    assert shutdown["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert linux.process.wait(timeout=60) == 0
+    assert not linux.qmp_path.exists()
