@@ -11,7 +11,7 @@ from pathlib import Path
 from cffi import FFI
 
 DATAPLANE = Path(__file__).resolve().parent / "dataplane"
-SOURCES = ["virtqueue.c", "virtio_device.c", "iothread.c", "virtio_blk.c"]
+SOURCES = ["virtqueue.c", "virtio_device.c", "iothread.c", "virtio_blk.c", "vcpu_fastpath.c"]
 
 CDEF = """
 struct iovec { void *iov_base; size_t iov_len; };
@@ -100,6 +100,17 @@ void svpy_shared_destroy(struct svpy_virtio_shared *shared);
 int svpy_iothread_start(struct svpy_iothread *thread);
 void svpy_iothread_stop(struct svpy_iothread *thread);
 
+#define SVPY_FASTPATH_MAX_DEVICES ...
+struct svpy_mmio_fastpath {
+    uint64_t base;
+    uint64_t window_size;
+    uint32_t count;
+    struct svpy_virtio_shared *devices[16];
+    uint64_t handled;
+    ...;
+};
+long svpy_vcpu_run(int vcpu_fd, void *run, struct svpy_mmio_fastpath *fastpath);
+
 int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int irqfd,
                   int error_fd, int kick_fd);
 int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread);
@@ -110,7 +121,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "stratovirt_py._dataplane",
-    '#include <sys/uio.h>\n#include "virtio_blk.h"\n',
+    '#include <sys/uio.h>\n#include "virtio_blk.h"\n#include "vcpu_fastpath.h"\n',
     # setuptools insists on paths relative to the project root.
     sources=[os.path.relpath(DATAPLANE / name) for name in SOURCES],
     include_dirs=[os.path.relpath(DATAPLANE)],

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stratovirt_py._dataplane import ffi as dataplane_ffi
+from stratovirt_py._dataplane import lib as dataplane_lib
 from stratovirt_py.arch.x86_64 import layout
 from stratovirt_py.arch.x86_64.boot_params import build_zero_page
 from stratovirt_py.arch.x86_64.cpu_topology import apic_ids
@@ -114,6 +116,7 @@ class MicroVM:
         self._eventfds: list[int] = []
         self._virtio_error_fd = -1
         self._c_memory: Any = None
+        self._fastpath: Any = None
 
     # Construction.
 
@@ -151,6 +154,7 @@ class MicroVM:
         write_boot_tables(memory)
 
         self._build_legacy_devices()
+        self._fastpath = self._build_fastpath()
         install_kick_handler()
         supported_cpuid = self.kvm.supported_cpuid()
         for index in range(config.topology.cpus):
@@ -160,7 +164,7 @@ class MicroVM:
             if index == 0:
                 self._setup_boot_vcpu(vcpu, kernel)
             self.vcpu_threads.append(VcpuThread(vcpu, memory, self.pio_bus, self.mmio_bus,
-                                                self._on_guest_exit))
+                                                self._on_guest_exit, self._fastpath))
         log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
                  config.topology.cpus, config.memory_size >> 20, config.kernel, self.cmdline)
 
@@ -195,6 +199,19 @@ class MicroVM:
         self.mmio_bus.insert(base, layout.VIRTIO_MMIO_WINDOW, transport)
         self.virtio_transports.append(transport)
         return transport
+
+    def _build_fastpath(self) -> Any:
+        """Lets the vCPU loop answer InterruptStatus/InterruptACK in C (no Python per I/O)."""
+        fastpath = dataplane_ffi.new("struct svpy_mmio_fastpath *")
+        fastpath.base = layout.VIRTIO_MMIO_BASE
+        fastpath.window_size = layout.VIRTIO_MMIO_WINDOW
+        if len(self.virtio_transports) > dataplane_lib.SVPY_FASTPATH_MAX_DEVICES:
+            raise MonitorError("too many virtio devices for the vCPU fast path")
+        fastpath.count = len(self.virtio_transports)
+        for index, transport in enumerate(self.virtio_transports):
+            assert transport.base == layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_WINDOW
+            fastpath.devices[index] = transport.device.shared
+        return fastpath
 
     def _build_disk_slots(self) -> None:
         """Six virtio-blk slots, vda..vdf, first in the virtio-mmio order; boot disks fill them."""

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from stratovirt_py._dataplane import ffi as dataplane_ffi
+from stratovirt_py._dataplane import lib as dataplane_lib
 from stratovirt_py.arch.x86_64.guest_walk import code_bytes
 from stratovirt_py.devices.bus import Bus
-from stratovirt_py.kvm import KvmError, Vcpu, lib
+from stratovirt_py.kvm import KvmError, Vcpu, ffi, lib
 from stratovirt_py.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -71,8 +75,11 @@ class VcpuThread:
     """Runs one vCPU and obeys pause/resume/stop requests from the control plane."""
 
     def __init__(self, vcpu: Vcpu, memory: GuestMemory, pio_bus: Bus, mmio_bus: Bus,
-                 on_exit: Callable[[GuestExit], None]) -> None:
+                 on_exit: Callable[[GuestExit], None], fastpath: Any = None) -> None:
         self.vcpu = vcpu
+        # struct svpy_mmio_fastpath: exits answered in C (see csrc/dataplane/vcpu_fastpath.h).
+        self._fastpath = fastpath if fastpath is not None else dataplane_ffi.NULL
+        self._run_page = dataplane_ffi.cast("void *", int(ffi.cast("uintptr_t", vcpu.run_state)))
         self.index = vcpu.index
         self._memory = memory
         self._pio = pio_bus
@@ -167,10 +174,13 @@ class VcpuThread:
 
     def _loop(self) -> None:
         run_state = self.vcpu.run_state
+        fd = self.vcpu.fd
         while self._wait_for_run():
-            ret = self.vcpu.run()
+            ret = dataplane_lib.svpy_vcpu_run(fd, self._run_page, self._fastpath)
             run_state.immediate_exit = 0
             if ret < 0:
+                if -ret not in (errno.EINTR, errno.EAGAIN):
+                    raise KvmError("KVM_RUN", -ret)
                 continue  # kicked: look at the request again
             guest_exit = self._handle_exit(run_state.exit_reason)
             if guest_exit is not None:
