@@ -75,6 +75,7 @@ struct svpy_blk {
     uint8_t write_zeroes;
     char serial[20];
     struct svpy_blk_stats stats;
+    uint32_t inflight;
     ...;
 };
 
@@ -115,6 +116,8 @@ int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int
                   int error_fd, int kick_fd);
 int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread);
 void svpy_blk_process(struct svpy_blk *blk);
+void svpy_blk_drain(struct svpy_blk *blk, int complete);
+void svpy_blk_destroy(struct svpy_blk *blk);
 """
 
 ffibuilder = FFI()

@@ -160,7 +160,9 @@ class DiskSlots:
         return slot
 
     def close(self) -> None:
+        """At exit, after the I/O thread has stopped."""
         for slot in self.slots:
             backend = slot.device.set_backend(None)
             if backend is not None:
                 backend.close()
+            slot.device.close()

@@ -2,9 +2,16 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/falloc.h>
+
+/* handle_request's answer for a request that completes later (AIO). */
+#define REQUEST_IN_FLIGHT (-2)
 
 struct request_header {
     uint32_t type;
@@ -76,9 +83,9 @@ static bool in_range(const struct svpy_blk *blk, uint64_t sector, uint64_t secto
 
 /* preadv/pwritev until done; falls back to the buffered fd when O_DIRECT's
  * alignment rules refuse the guest's buffers (EINVAL). */
-static int transfer(struct svpy_blk *blk, bool write, int iovcnt, uint64_t offset)
+static int transfer(struct svpy_blk *blk, bool write, struct iovec *iov, int iovcnt,
+                    uint64_t offset)
 {
-    struct iovec *iov = blk->data_iov;
     int fd = blk->fd;
 
     while (iovcnt > 0) {
@@ -114,8 +121,12 @@ static int transfer(struct svpy_blk *blk, bool write, int iovcnt, uint64_t offse
     return 0;
 }
 
-static uint8_t do_read_write(struct svpy_blk *blk, const struct request_header *header,
-                             bool write, uint32_t *written)
+static int submit_aio(struct svpy_blk *blk, bool write, int iovcnt, uint64_t offset,
+                      uint64_t len);
+
+/* Returns a VIRTIO_BLK_S_* status, or REQUEST_IN_FLIGHT. */
+static int do_read_write(struct svpy_blk *blk, const struct request_header *header,
+                         bool write, uint32_t *written)
 {
     struct svpy_chain *chain = &blk->chain;
     uint64_t len = write ? chain->readable_bytes - sizeof(*header) : chain->writable_bytes - 1;
@@ -133,7 +144,15 @@ static uint8_t do_read_write(struct svpy_blk *blk, const struct request_header *
         iovcnt = slice(blk, chain->readable, chain->writable, 0, len);
     if (iovcnt < 0)
         return VIRTIO_BLK_S_IOERR;
-    if (len && transfer(blk, write, iovcnt, header->sector * SVPY_SECTOR_SIZE) < 0)
+    if (len && blk->aio && blk->fd != blk->buffered_fd) {
+        int ret = submit_aio(blk, write, iovcnt, header->sector * SVPY_SECTOR_SIZE, len);
+
+        if (ret == 0)
+            return REQUEST_IN_FLIGHT;
+        /* Not accepted by AIO (e.g. misaligned for O_DIRECT): served below. */
+    }
+    if (len && transfer(blk, write, blk->data_iov, iovcnt,
+                        header->sector * SVPY_SECTOR_SIZE) < 0)
         return VIRTIO_BLK_S_IOERR;
     if (write) {
         blk->stats.written_bytes += len;
@@ -219,7 +238,7 @@ static int handle_request(struct svpy_blk *blk)
     struct svpy_chain *chain = &blk->chain;
     struct request_header header;
     uint32_t written = 1; /* the status byte */
-    uint8_t status;
+    int status;
 
     if (chain->writable == 0)
         return -1; /* nowhere to put a status: the driver broke the protocol */
@@ -231,8 +250,12 @@ static int handle_request(struct svpy_blk *blk)
     case VIRTIO_BLK_T_IN:
     case VIRTIO_BLK_T_OUT:
         status = do_read_write(blk, &header, header.type == VIRTIO_BLK_T_OUT, &written);
+        if (status == REQUEST_IN_FLIGHT)
+            return REQUEST_IN_FLIGHT;
         break;
     case VIRTIO_BLK_T_FLUSH:
+        /* A flush covers every write the guest has seen complete, and those in flight. */
+        svpy_blk_drain(blk, 1);
         status = blk->fd >= 0 && fdatasync(blk->fd) < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
         break;
     case VIRTIO_BLK_T_GET_ID:
@@ -249,7 +272,7 @@ done:
     if (status != VIRTIO_BLK_S_OK)
         blk->stats.errors++;
     blk->stats.requests++;
-    *status_byte(chain) = status;
+    *status_byte(chain) = (uint8_t)status;
     return (int)written;
 }
 
@@ -263,9 +286,12 @@ void svpy_blk_process(struct svpy_blk *blk)
     do {
         svpy_vq_disable_notify(vq);
         for (;;) {
-            int ret = svpy_vq_pop(vq, blk->mem, &blk->chain);
-            int written;
+            int ret, written;
 
+            /* No free AIO slot: completions will call us again. */
+            if (blk->inflight == SVPY_BLK_AIO_DEPTH)
+                goto out;
+            ret = svpy_vq_pop(vq, blk->mem, &blk->chain);
             if (ret == 0)
                 break;
             if (ret < 0) {
@@ -273,6 +299,8 @@ void svpy_blk_process(struct svpy_blk *blk)
                 goto out;
             }
             written = handle_request(blk);
+            if (written == REQUEST_IN_FLIGHT)
+                continue;
             if (written < 0) {
                 svpy_mark_broken(&blk->shared, SVPY_VQ_ERR_REQUEST);
                 goto out;
@@ -284,6 +312,147 @@ void svpy_blk_process(struct svpy_blk *blk)
 out:
     if (completed && svpy_vq_should_interrupt(vq))
         svpy_raise_interrupt(&blk->shared, SVPY_INT_VRING);
+}
+
+/* --- Linux AIO for O_DIRECT requests ------------------------------------ */
+
+static long io_setup_(unsigned nr, aio_context_t *ctx)
+{
+    return syscall(SYS_io_setup, nr, ctx);
+}
+
+static long io_submit_(aio_context_t ctx, long nr, struct iocb **iocbs)
+{
+    return syscall(SYS_io_submit, ctx, nr, iocbs);
+}
+
+static long io_getevents_(aio_context_t ctx, long min_nr, long nr, struct io_event *events,
+                          struct timespec *timeout)
+{
+    return syscall(SYS_io_getevents, ctx, min_nr, nr, events, timeout);
+}
+
+static int submit_aio(struct svpy_blk *blk, bool write, int iovcnt, uint64_t offset,
+                      uint64_t len)
+{
+    struct svpy_blk_request *request = NULL;
+    struct iocb *iocb;
+
+    for (unsigned i = 0; i < SVPY_BLK_AIO_DEPTH; i++) {
+        if (!blk->requests[i].in_use) {
+            request = &blk->requests[i];
+            break;
+        }
+    }
+    if (!request)
+        return -1;
+    request->iov = malloc(sizeof(struct iovec) * (size_t)iovcnt);
+    if (!request->iov)
+        return -1;
+    memcpy(request->iov, blk->data_iov, sizeof(struct iovec) * (size_t)iovcnt);
+    request->iovcnt = iovcnt;
+    request->write = write;
+    request->head = blk->chain.head;
+    request->status = status_byte(&blk->chain);
+    request->len = len;
+    request->offset = offset;
+    iocb = &request->iocb;
+    memset(iocb, 0, sizeof(*iocb));
+    iocb->aio_data = (uint64_t)(uintptr_t)request;
+    iocb->aio_lio_opcode = write ? IOCB_CMD_PWRITEV : IOCB_CMD_PREADV;
+    iocb->aio_fildes = (uint32_t)blk->fd;
+    iocb->aio_buf = (uint64_t)(uintptr_t)request->iov;
+    iocb->aio_nbytes = (uint64_t)iovcnt;
+    iocb->aio_offset = (int64_t)offset;
+    iocb->aio_flags = IOCB_FLAG_RESFD;
+    iocb->aio_resfd = (uint32_t)blk->aio_watch.fd;
+    if (io_submit_(blk->aio, 1, &iocb) != 1) {
+        free(request->iov);
+        request->iov = NULL;
+        return -1;
+    }
+    request->in_use = 1;
+    blk->inflight++;
+    return 0;
+}
+
+/* Answers one finished AIO request in the used ring. */
+static void complete_request(struct svpy_blk *blk, struct svpy_blk_request *request, long res,
+                             int push)
+{
+    uint8_t status = VIRTIO_BLK_S_OK;
+
+    if (res == -EINVAL && push) {
+        /* O_DIRECT refused the guest's buffers: once more through the page cache. */
+        res = transfer(blk, request->write, request->iov, request->iovcnt, request->offset) < 0
+              ? -EIO : (long)request->len;
+    }
+    if (res != (long)request->len)
+        status = VIRTIO_BLK_S_IOERR;
+    if (status == VIRTIO_BLK_S_OK) {
+        if (request->write)
+            blk->stats.written_bytes += request->len;
+        else
+            blk->stats.read_bytes += request->len;
+    } else {
+        blk->stats.errors++;
+    }
+    blk->stats.requests++;
+    if (push) {
+        *request->status = status;
+        svpy_vq_push(&blk->vq, request->head,
+                     1 + (request->write || status ? 0 : (uint32_t)request->len));
+    }
+    free(request->iov);
+    request->iov = NULL;
+    request->in_use = 0;
+    blk->inflight--;
+}
+
+/* Collects finished requests; waits for at least `wait_for` of them. */
+static unsigned reap(struct svpy_blk *blk, long wait_for, int push)
+{
+    struct io_event events[SVPY_BLK_AIO_DEPTH];
+    struct timespec no_wait = {0, 0};
+    unsigned done = 0;
+    long count;
+
+    do {
+        count = io_getevents_(blk->aio, wait_for, SVPY_BLK_AIO_DEPTH, events,
+                              wait_for ? NULL : &no_wait);
+    } while (count < 0 && errno == EINTR);
+    for (long i = 0; i < count; i++) {
+        struct svpy_blk_request *request = (void *)(uintptr_t)events[i].data;
+
+        complete_request(blk, request, (long)events[i].res, push);
+        done++;
+    }
+    return done;
+}
+
+void svpy_blk_drain(struct svpy_blk *blk, int complete)
+{
+    unsigned completed = 0;
+
+    while (blk->aio && blk->inflight)
+        completed += reap(blk, (long)blk->inflight, complete && blk->vq.active);
+    if (completed && complete && svpy_vq_should_interrupt(&blk->vq))
+        svpy_raise_interrupt(&blk->shared, SVPY_INT_VRING);
+}
+
+static void on_aio_complete(void *context)
+{
+    struct svpy_blk *blk = context;
+    uint64_t count;
+
+    if (read(blk->aio_watch.fd, &count, sizeof(count)) < 0 && errno != EAGAIN)
+        return;
+    svpy_lock(&blk->shared);
+    if (reap(blk, 0, blk->vq.active) && svpy_vq_should_interrupt(&blk->vq))
+        svpy_raise_interrupt(&blk->shared, SVPY_INT_VRING);
+    /* Requests may be waiting for a free slot. */
+    svpy_blk_process(blk);
+    svpy_unlock(&blk->shared);
 }
 
 static void on_kick(void *context)
@@ -309,10 +478,34 @@ int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int
     blk->kick.fd = kick_fd;
     blk->kick.handler = on_kick;
     blk->kick.context = blk;
+    blk->inflight = 0;
+    blk->aio = 0;
+    blk->aio_watch.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    blk->aio_watch.handler = on_aio_complete;
+    blk->aio_watch.context = blk;
+    /* Without AIO (e.g. the host's aio-max-nr is used up) requests are synchronous. */
+    if (blk->aio_watch.fd < 0 || io_setup_(SVPY_BLK_AIO_DEPTH, &blk->aio) < 0)
+        blk->aio = 0;
     return svpy_shared_init(&blk->shared, irqfd, error_fd);
 }
 
 int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread)
 {
-    return svpy_iothread_watch(thread, &blk->kick);
+    int ret = svpy_iothread_watch(thread, &blk->kick);
+
+    if (ret == 0 && blk->aio)
+        ret = svpy_iothread_watch(thread, &blk->aio_watch);
+    return ret;
+}
+
+void svpy_blk_destroy(struct svpy_blk *blk)
+{
+    svpy_blk_drain(blk, 0);
+    if (blk->aio)
+        syscall(SYS_io_destroy, blk->aio);
+    blk->aio = 0;
+    if (blk->aio_watch.fd >= 0)
+        close(blk->aio_watch.fd);
+    blk->aio_watch.fd = -1;
+    svpy_shared_destroy(&blk->shared);
 }

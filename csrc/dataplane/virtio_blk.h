@@ -3,6 +3,7 @@
 #define SVPY_VIRTIO_BLK_H
 
 #include <stdint.h>
+#include <linux/aio_abi.h>
 
 #include "guest_memory.h"
 #include "iothread.h"
@@ -30,6 +31,21 @@ struct svpy_blk_stats {
     uint64_t errors;
 };
 
+/* Requests in flight at once with O_DIRECT (Linux AIO). */
+#define SVPY_BLK_AIO_DEPTH 64
+
+struct svpy_blk_request {
+    struct iocb iocb;
+    uint8_t in_use;
+    uint8_t write;
+    uint16_t head;
+    uint8_t *status;
+    uint64_t len;
+    uint64_t offset;
+    int iovcnt;
+    struct iovec *iov;
+};
+
 struct svpy_blk {
     struct svpy_virtio_shared shared;
     struct svpy_virtqueue vq;
@@ -46,6 +62,13 @@ struct svpy_blk {
     struct svpy_blk_stats stats;
     struct svpy_chain chain;
     struct iovec data_iov[SVPY_CHAIN_MAX_SEGMENTS];
+    /* O_DIRECT reads and writes go through Linux AIO so that many are in
+     * flight at once; completions arrive on aio_event_fd.  aio == 0 means
+     * AIO is unavailable and every request is served synchronously. */
+    aio_context_t aio;
+    struct svpy_watch aio_watch;
+    uint32_t inflight;
+    struct svpy_blk_request requests[SVPY_BLK_AIO_DEPTH];
 };
 
 int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int irqfd,
@@ -54,5 +77,9 @@ int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int
 int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread);
 /* Drains the queue; the caller holds blk->shared.lock. */
 void svpy_blk_process(struct svpy_blk *blk);
+/* Waits for requests in flight (lock held).  With `complete`, they are
+ * answered in the used ring; without (device reset), they are forgotten. */
+void svpy_blk_drain(struct svpy_blk *blk, int complete);
+void svpy_blk_destroy(struct svpy_blk *blk);
 
 #endif

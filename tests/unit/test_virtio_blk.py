@@ -67,6 +67,7 @@ class Rig:
         backend = self.device.set_backend(None)
         if backend:
             backend.close()
+        self.device.close()
         for fd in self.fds:
             os.close(fd)
 

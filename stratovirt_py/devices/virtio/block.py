@@ -174,7 +174,13 @@ class VirtioBlock:
         return 0
 
     def reset(self) -> None:
+        # Requests still in flight belong to the old driver: finish them unanswered.
+        lib.svpy_blk_drain(self.c, 0)
         lib.svpy_vq_deactivate(ffi.addressof(self.c, "vq"))
+
+    def close(self) -> None:
+        """Releases the C side's resources; the I/O thread must be stopped already."""
+        lib.svpy_blk_destroy(self.c)
 
     # Backends (control plane, main loop).
 
@@ -182,6 +188,8 @@ class VirtioBlock:
         """Swaps the image under the device lock; returns the previous one (to close)."""
         lib.svpy_lock(self.shared)
         try:
+            # The old image must see every request in flight finish first.
+            lib.svpy_blk_drain(self.c, 1)
             previous = self.backend
             self.backend = backend
             if backend is None:
