@@ -229,3 +229,19 @@ def test_quit_ends_the_vm(linux):
     assert shutdown["data"] == {"guest": False, "reason": "host-qmp-quit"}
     assert linux.process.wait(timeout=60) == 0
     assert not linux.qmp_path.exists()
+
+
+def test_bzimage_boots_to_user_space(tmp_path):
+    """The same kernel as a bzImage: the protected-mode part at 1 MiB, 64-bit entry."""
+    bzimage = GUEST / "bzImage"
+    if not bzimage.exists():
+        pytest.fail(f"{bzimage} is missing: run scripts/build-guest-kernel")
+    artifacts = ARTIFACTS / "linux-guest"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    guest = LinuxGuest(tmp_path, artifacts / "serial-bzimage.log", "-kernel", str(bzimage))
+    try:
+        guest.wait_for(re.escape(USER_SPACE_MARKER), timeout=BOOT_TIMEOUT)
+        guest.process.terminate()
+        assert guest.process.wait(timeout=60) == 0
+    finally:
+        guest.stop()
