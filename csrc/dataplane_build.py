@@ -117,6 +117,7 @@ int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int
 int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread);
 void svpy_blk_process(struct svpy_blk *blk);
 void svpy_blk_drain(struct svpy_blk *blk, int complete);
+int svpy_blk_enable_aio(struct svpy_blk *blk);
 void svpy_blk_destroy(struct svpy_blk *blk);
 """
 

@@ -160,9 +160,8 @@ class DiskSlots:
         return slot
 
     def close(self) -> None:
-        """At exit, after the I/O thread has stopped."""
+        """At exit, after the I/O thread has stopped: images are synced and closed."""
         for slot in self.slots:
             backend = slot.device.set_backend(None)
             if backend is not None:
                 backend.close()
-            slot.device.close()

@@ -483,19 +483,26 @@ int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int
     blk->aio_watch.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     blk->aio_watch.handler = on_aio_complete;
     blk->aio_watch.context = blk;
-    /* Without AIO (e.g. the host's aio-max-nr is used up) requests are synchronous. */
-    if (blk->aio_watch.fd < 0 || io_setup_(SVPY_BLK_AIO_DEPTH, &blk->aio) < 0)
-        blk->aio = 0;
+    if (blk->aio_watch.fd < 0)
+        return -errno;
     return svpy_shared_init(&blk->shared, irqfd, error_fd);
+}
+
+int svpy_blk_enable_aio(struct svpy_blk *blk)
+{
+    /* Set up on the first O_DIRECT backend only: empty slots need none. */
+    if (!blk->aio && io_setup_(SVPY_BLK_AIO_DEPTH, &blk->aio) < 0) {
+        blk->aio = 0;
+        return -errno;
+    }
+    return 0;
 }
 
 int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread)
 {
     int ret = svpy_iothread_watch(thread, &blk->kick);
 
-    if (ret == 0 && blk->aio)
-        ret = svpy_iothread_watch(thread, &blk->aio_watch);
-    return ret;
+    return ret ? ret : svpy_iothread_watch(thread, &blk->aio_watch);
 }
 
 void svpy_blk_destroy(struct svpy_blk *blk)

@@ -80,6 +80,10 @@ void svpy_blk_process(struct svpy_blk *blk);
 /* Waits for requests in flight (lock held).  With `complete`, they are
  * answered in the used ring; without (device reset), they are forgotten. */
 void svpy_blk_drain(struct svpy_blk *blk, int complete);
+/* Without AIO (e.g. the host's aio-max-nr is used up) requests are synchronous. */
+int svpy_blk_enable_aio(struct svpy_blk *blk);
+/* io_destroy waits for an RCU grace period (tens of ms): at process exit the
+ * kernel releases AIO contexts anyway, so the monitor does not call this. */
 void svpy_blk_destroy(struct svpy_blk *blk);
 
 #endif
