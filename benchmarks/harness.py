@@ -257,18 +257,25 @@ def _ms(start_ns: int, end_ns: int) -> float:
     return (end_ns - start_ns) / NS_PER_MS
 
 
+def _wait_for_exit(run: Launched, guest: Guest, record: RunRecord) -> tuple[int, int]:
+    """Waits for the monitor to exit on its own, all output read: (status, exit time in ns)."""
+    exited = run.exits.wait(run.t0 + int(guest.timeout_s * 1e9))
+    if exited is None:
+        raise ProbeError(f"the monitor did not exit within {guest.timeout_s} s")
+    code = run.process.wait(timeout=10)
+    # All output is in once the reader has seen the end of the pipe.
+    run.serial.join()
+    record.details["exit_status"] = code
+    return code, exited
+
+
 def run_boot(record: RunRecord, monitor: Monitor, guest: Guest, workdir: Path) -> None:
     """svtest boot run: exec -> first byte, `svtest: hello`, process exit."""
     markers = {"boot.hello": SVTEST_HELLO, "done": SVTEST_DONE}
     stderr_path = workdir / f"{record.monitor}-boot-{record.pair}.stderr"
     with launched(record.argv, monitor.env, markers, stderr_path) as run:
         try:
-            exited = run.exits.wait(run.t0 + int(guest.timeout_s * 1e9))
-            if exited is None:
-                raise ProbeError(f"the monitor did not exit within {guest.timeout_s} s")
-            code = run.process.wait(timeout=10)
-            run.serial.join()
-            record.details["exit_status"] = code
+            code, exited = _wait_for_exit(run, guest, record)
             if code != 0:
                 raise ProbeError(f"the monitor exited with status {code}")
             if "done" not in run.serial.marker_ns or "boot.hello" not in run.serial.marker_ns:
@@ -388,13 +395,7 @@ def run_block(record: RunRecord, monitor: Monitor, guest: Guest, case: BlockCase
     stderr_path = workdir / f"{record.monitor}-{record.kind}-{record.pair}.stderr"
     with launched(record.argv, monitor.env, {}, stderr_path) as run:
         try:
-            exited = run.exits.wait(run.t0 + int(guest.timeout_s * 1e9))
-            if exited is None:
-                raise ProbeError(f"the monitor did not exit within {guest.timeout_s} s")
-            code = run.process.wait(timeout=10)
-            # All output is in once the reader has seen the end of the pipe.
-            run.serial.join()
-            record.details["exit_status"] = code
+            code, _ = _wait_for_exit(run, guest, record)
             result = metrics.parse_blk_bench(bytes(run.serial.data), run.serial.arrival_ns)
             record.details["blk_bench"] = result.as_dict()
             ran = (result.mode, result.bs, result.qd, result.requests)
