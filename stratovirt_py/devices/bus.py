@@ -39,11 +39,6 @@ class Bus:
         self._starts.insert(position, base)
         self._ranges.insert(position, (base, length, device))
 
-    def remove(self, base: int) -> None:
-        position = self._starts.index(base)
-        del self._starts[position]
-        del self._ranges[position]
-
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
         position = bisect.bisect(self._starts, addr) - 1
         if position >= 0:

@@ -163,13 +163,11 @@ class Serial:
 
     # Host side (console input threads).
 
-    def feed_input(self, data: bytes, stop: threading.Event | None = None) -> None:
+    def feed_input(self, data: bytes) -> None:
         """Queues bytes for the guest, waiting while the receive buffer is full."""
         for byte in data:
             with self._lock:
                 while len(self._rx) >= RX_BUFFER_LIMIT:
-                    if stop is not None and stop.is_set():
-                        return
                     self._space.wait(timeout=0.1)
                 self._rx.append(byte)
                 self._update_irq()

@@ -187,13 +187,6 @@ class Vcpu:
         """Bytes of the kvm_run page, e.g. port I/O data at io.data_offset."""
         return memoryview(self._run_map)[offset:offset + length]
 
-    def run(self) -> int:
-        """KVM_RUN once; returns 0, or -EINTR/-EAGAIN when a kick interrupted it."""
-        ret = lib.svpy_ioctl_int(self.fd, lib.KVM_RUN, 0)
-        if ret < 0 and -ret not in (errno.EINTR, errno.EAGAIN):
-            raise KvmError("KVM_RUN", -ret)
-        return ret
-
     def get_regs(self) -> Any:
         regs = ffi.new("struct kvm_regs *")
         _ioctl(self.fd, "KVM_GET_REGS", regs)
