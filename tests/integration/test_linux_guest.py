@@ -245,3 +245,40 @@ def test_bzimage_boots_to_user_space(tmp_path):
         assert guest.process.wait(timeout=60) == 0
     finally:
         guest.stop()
+
+
+def test_root_disk_with_root_dev_vda(tmp_path):
+    """No initramfs: the ext4 image on vda is the root file system, mounted read-write."""
+    root = tmp_path / "root.ext4"
+    shutil.copy(ROOTFS, root)
+    artifacts = ARTIFACTS / "linux-guest"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [*MONITOR, "-kernel", str(KERNEL), "-m", "256", "-serial", "stdio",
+         "-append", "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw",
+         "-drive", f"id=rootfs,file={root},direct=off",
+         "-device", "virtio-blk-device,drive=rootfs,id=rootfs"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env=monitor_env())
+    log = bytearray()
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while USER_SPACE_MARKER.encode() not in log:
+            assert time.monotonic() < deadline, log[-2000:]
+            chunk = os.read(process.stdout.fileno(), 65536)
+            assert chunk, log[-2000:]
+            log += chunk
+        # Leaving the shell makes init reboot, which ends the VM.
+        process.stdin.write(b"echo on-the-root-disk > /proof.txt; sync; exit\n")
+        process.stdin.flush()
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        (artifacts / "serial-root-disk.log").write_bytes(bytes(log))
+    assert b"EXT4-fs (vda): mounted filesystem" in log
+    dump = subprocess.run(["debugfs", "-R", "cat /proof.txt", str(root)], capture_output=True,
+                          timeout=60)
+    assert dump.stdout.strip() == b"on-the-root-disk"

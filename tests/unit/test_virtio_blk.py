@@ -241,3 +241,16 @@ def ffi_string(pointer) -> str:
     from stratovirt_py._dataplane import ffi
 
     return ffi.string(pointer).decode()
+
+
+def test_host_io_error_becomes_ioerr(rig):
+    # The image shrinks under the device: the read hits end of file, a host error.
+    with open(rig.image, "r+b") as image:
+        image.truncate(8 * SECTOR)
+    status = rig.driver.submit(T_IN, sector=10, read_len=SECTOR)
+    rig.run()
+    assert rig.status(status) == S_IOERR
+    assert rig.device.stats()["errors"] == 1
+    good = rig.driver.submit(T_IN, sector=1, read_len=SECTOR)
+    rig.run()
+    assert rig.status(good) == S_OK  # the device goes on
