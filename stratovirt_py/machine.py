@@ -122,6 +122,11 @@ class MicroVM:
 
     def build(self) -> None:
         config = self.config
+        # Parsed already (one config model for every front end), not yet emulated.
+        if config.nics:
+            raise MonitorError("virtio-net devices are not available yet in this version")
+        if config.balloon is not None:
+            raise MonitorError("the virtio-balloon device is not available yet in this version")
         try:
             self.kvm = Kvm()
         except KvmError as exc:

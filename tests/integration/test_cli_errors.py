@@ -44,6 +44,10 @@ def kernel(tmp_path):
     (["-kernel", "KERNEL", "-serial", "bogus"], "invalid -serial 'bogus'"),
     (["-kernel", "KERNEL", "-machine", "q35"], "unsupported machine type 'q35'"),
     (["-config", "/nonexistent.json"], "cannot read -config file"),
+    (["-kernel", "KERNEL", "-netdev", "tap,id=n0,ifname=tap0", "-device",
+      "virtio-net-device,netdev=n0,id=n0"], "virtio-net devices are not available yet"),
+    (["-kernel", "KERNEL", "-device", "virtio-balloon-device"],
+     "virtio-balloon device is not available yet"),
 ])
 def test_bad_options(args, pattern, kernel):
     args = [kernel if a == "KERNEL" else a for a in args]
