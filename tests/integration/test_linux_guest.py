@@ -231,8 +231,12 @@ def test_quit_ends_the_vm(linux):
     assert not linux.qmp_path.exists()
 
 
-def test_bzimage_boots_to_user_space(tmp_path):
-    """The same kernel as a bzImage: the protected-mode part at 1 MiB, 64-bit entry."""
+def test_bzimage_boots_and_the_guest_powers_off(tmp_path):
+    """The same kernel as a bzImage (protected-mode part at 1 MiB, 64-bit entry); poweroff.
+
+    Without ACPI, the project's kernel powers off through the i8042 reset line
+    (kernel-configs/patches/0004), which ends the VM with status 0.
+    """
     bzimage = GUEST / "bzImage"
     if not bzimage.exists():
         pytest.fail(f"{bzimage} is missing: run scripts/build-guest-kernel")
@@ -241,8 +245,15 @@ def test_bzimage_boots_to_user_space(tmp_path):
     guest = LinuxGuest(tmp_path, artifacts / "serial-bzimage.log", "-kernel", str(bzimage))
     try:
         guest.wait_for(re.escape(USER_SPACE_MARKER), timeout=BOOT_TIMEOUT)
-        guest.process.terminate()
-        assert guest.process.wait(timeout=60) == 0
+        guest.shell("echo ready")  # the shell is reading its terminal now
+        assert guest.process.stdin is not None
+        guest.process.stdin.write(b"poweroff -f\n")
+        guest.process.stdin.flush()
+        assert guest.process.wait(timeout=120) == 0
+        guest.reader.join(10)
+        assert "reboot: Power down" in guest.text()
+        stderr = guest.process.stderr.read() if guest.process.stderr else b""
+        assert b"VM exits: guest requested a reset" in stderr
     finally:
         guest.stop()
 
