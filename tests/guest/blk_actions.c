@@ -101,6 +101,25 @@ static struct range range_from_cmdline(const struct blk_dev *b, const char *acti
     return r;
 }
 
+/* Sectors in the next chunk of a range: a whole buffer, or what is left. */
+static uint32_t next_chunk(const struct range *r, uint64_t done)
+{
+    return r->count - done > MAX_CHUNK_SECTORS ? MAX_CHUNK_SECTORS : (uint32_t)(r->count - done);
+}
+
+/* One request on a chunk; a failure is reported and ends the run. */
+static void chunk_io_or_finish(struct blk_dev *b, const char *action, uint32_t type,
+                               uint64_t sector, uint8_t *buf, uint32_t n)
+{
+    struct blk_seg seg = { buf, n * BLK_SECTOR_SIZE };
+    int st = blk_do(b, type, sector, &seg, 1, false);
+
+    if (st != VIRTIO_BLK_S_OK) {
+        report("%s FAIL sector=%lu count=%u status=%s", action, sector, n, blk_result_name(st));
+        finish();
+    }
+}
+
 void action_blk_write_pattern(void)
 {
     static const char action[] = "blk-write-pattern";
@@ -110,16 +129,9 @@ void action_blk_write_pattern(void)
     blk_open_or_finish(&b, action, &opts);
     struct range r = range_from_cmdline(&b, action);
     for (uint64_t done = 0; done < r.count;) {
-        uint32_t n = r.count - done > MAX_CHUNK_SECTORS ? MAX_CHUNK_SECTORS
-                                                        : (uint32_t)(r.count - done);
+        uint32_t n = next_chunk(&r, done);
         pattern_fill_host(blk_wbuf, r.sector + done, n, r.seed);
-        struct blk_seg seg = { blk_wbuf, n * BLK_SECTOR_SIZE };
-        int st = blk_do(&b, VIRTIO_BLK_T_OUT, r.sector + done, &seg, 1, false);
-        if (st != VIRTIO_BLK_S_OK) {
-            report("%s FAIL sector=%lu count=%u status=%s", action, r.sector + done, n,
-                   blk_result_name(st));
-            finish();
-        }
+        chunk_io_or_finish(&b, action, VIRTIO_BLK_T_OUT, r.sector + done, blk_wbuf, n);
         done += n;
     }
     const char *flush = "not-negotiated";
@@ -141,17 +153,10 @@ void action_blk_read_pattern(void)
     blk_open_or_finish(&b, action, &opts);
     struct range r = range_from_cmdline(&b, action);
     for (uint64_t done = 0; done < r.count;) {
-        uint32_t n = r.count - done > MAX_CHUNK_SECTORS ? MAX_CHUNK_SECTORS
-                                                        : (uint32_t)(r.count - done);
+        uint32_t n = next_chunk(&r, done);
         uint32_t len = n * BLK_SECTOR_SIZE;
         mem_fill(blk_rbuf, POISON, len);
-        struct blk_seg seg = { blk_rbuf, len };
-        int st = blk_do(&b, VIRTIO_BLK_T_IN, r.sector + done, &seg, 1, false);
-        if (st != VIRTIO_BLK_S_OK) {
-            report("%s FAIL sector=%lu count=%u status=%s", action, r.sector + done, n,
-                   blk_result_name(st));
-            finish();
-        }
+        chunk_io_or_finish(&b, action, VIRTIO_BLK_T_IN, r.sector + done, blk_rbuf, n);
         size_t off = pattern_check_host(blk_rbuf, r.sector + done, n, r.seed);
         if (off < len) {
             uint64_t sector = r.sector + done + off / BLK_SECTOR_SIZE;
