@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import ClassVar
@@ -44,8 +45,6 @@ class StratoVirtFormatter(logging.Formatter):
 
 class _NativeThreadId(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        import threading
-
         record.thread_native_id = threading.get_native_id()
         return True
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from stratovirt_py._dataplane import ffi as dataplane_ffi
 from stratovirt_py._dataplane import lib as dataplane_lib
-from stratovirt_py.arch.x86_64 import layout
+from stratovirt_py.arch.x86_64 import boot_params, layout
 from stratovirt_py.arch.x86_64.boot_params import build_zero_page
 from stratovirt_py.arch.x86_64.cpu_topology import apic_ids
 from stratovirt_py.arch.x86_64.cpuid import vcpu_cpuid
@@ -243,7 +243,8 @@ class MicroVM:
         encoded = self.cmdline.encode()
         limit = KERNEL_CMDLINE_LIMIT
         if kernel.setup_header is not None:
-            limit = struct.unpack_from("<I", kernel.setup_header, 0x238 - 0x1F1)[0] + 1
+            offset = boot_params.CMDLINE_SIZE - boot_params.SETUP_HEADER
+            limit = struct.unpack_from("<I", kernel.setup_header, offset)[0] + 1
         if len(encoded) + 1 > min(limit, layout.CMDLINE_MAX_SIZE):
             raise BootError(f"the guest command line is {len(encoded)} bytes; this kernel "
                             f"accepts at most {limit - 1}")

@@ -62,9 +62,7 @@ class JsonStreamSplitter:
                 # Never valid in JSON: the QMP spec's way to reset the parser.
                 if value or self._depth:
                     out.append(ParseFailure("JSON parse error, invalid control character"))
-                    value.clear()
-                    self._depth = 0
-                    self._bare = self._in_string = self._escape = self._too_deep = False
+                    self._reset()
                 continue
             if self._in_string:
                 value.append(byte)
@@ -120,6 +118,9 @@ class JsonStreamSplitter:
             out.append(ParseFailure("JSON nesting depth limit exceeded"))
         else:
             out.append(bytes(self._value))
+        self._reset()
+
+    def _reset(self) -> None:
         self._value.clear()
         self._depth = 0
         self._bare = self._in_string = self._escape = self._too_deep = False

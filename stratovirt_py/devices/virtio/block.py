@@ -12,13 +12,14 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.config import DriveConfig
-from stratovirt_py.devices.virtio.dataplane import IoThread
+from stratovirt_py.devices.virtio.dataplane import IoThread, device_lock
 from stratovirt_py.devices.virtio.mmio import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -102,8 +103,6 @@ class DiskBackend:
 
 
 def _is_block_device(mode: int) -> bool:
-    import stat
-
     return stat.S_ISBLK(mode)
 
 
@@ -189,8 +188,7 @@ class VirtioBlock:
 
     def set_backend(self, backend: DiskBackend | None) -> DiskBackend | None:
         """Swaps the image under the device lock; returns the previous one (to close)."""
-        lib.svpy_lock(self.shared)
-        try:
+        with device_lock(self.shared):
             # The old image must see every request in flight finish first.
             lib.svpy_blk_drain(self.c, 1)
             previous = self.backend
@@ -210,8 +208,6 @@ class VirtioBlock:
                 self.c.read_only = int(backend.drive.read_only)
                 serial = (backend.drive.serial or "").encode()[:lib.SVPY_BLK_ID_BYTES]
                 self.c.serial = serial.ljust(lib.SVPY_BLK_ID_BYTES, b"\0")
-        finally:
-            lib.svpy_unlock(self.shared)
         return previous
 
     def stats(self) -> dict[str, int]:

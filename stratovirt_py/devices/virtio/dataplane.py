@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.errors import MonitorError
 from stratovirt_py.memory import GuestMemory
+
+
+@contextlib.contextmanager
+def device_lock(shared: Any) -> Iterator[None]:
+    """Holds a device's data-plane lock (struct svpy_virtio_shared) for reconfiguration."""
+    lib.svpy_lock(shared)
+    try:
+        yield
+    finally:
+        lib.svpy_unlock(shared)
 
 
 def c_guest_memory(memory: GuestMemory) -> Any:

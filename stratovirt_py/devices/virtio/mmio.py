@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from stratovirt_py._dataplane import ffi, lib
+from stratovirt_py.devices.virtio.dataplane import device_lock
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +142,8 @@ class VirtioMmioTransport:
             return
         if size != 4 or offset % 4:
             return
-        shared = self.device.shared
-        lib.svpy_lock(shared)
-        try:
+        with device_lock(self.device.shared):
             self._write_register(offset, value)
-        finally:
-            lib.svpy_unlock(shared)
 
     def _read_register(self, offset: int) -> int:
         queue = self._selected_queue()
@@ -262,25 +259,17 @@ class VirtioMmioTransport:
 
     def on_data_plane_error(self) -> None:
         """Called on the main loop when the C side reported a broken device."""
-        shared = self.device.shared
-        lib.svpy_lock(shared)
-        try:
-            error = shared.broken
+        with device_lock(self.device.shared):
+            error = self.device.shared.broken
             if error and not self.status & STATUS_NEEDS_RESET:
                 self._break(error)
-        finally:
-            lib.svpy_unlock(shared)
 
     def notify_config_change(self) -> None:
         """The device's configuration changed (e.g. a disk was hot-plugged)."""
-        shared = self.device.shared
-        lib.svpy_lock(shared)
-        try:
+        with device_lock(self.device.shared):
             self.config_generation += 1
             if self.status & STATUS_DRIVER_OK:
-                lib.svpy_raise_interrupt(shared, lib.SVPY_INT_CONFIG)
-        finally:
-            lib.svpy_unlock(shared)
+                lib.svpy_raise_interrupt(self.device.shared, lib.SVPY_INT_CONFIG)
 
 
 def drain_eventfd(fd: int) -> None:
