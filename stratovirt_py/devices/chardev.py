@@ -158,19 +158,34 @@ class FileChardev(Chardev):
 
 
 def create_unix_listener(path: str, what: str) -> socket.socket:
-    """Binds a unix socket at `path` (which must not exist) with mode 0600."""
+    """Binds a unix socket at `path` (which must not exist) with mode 0600.
+
+    The socket listens before its name appears (bound under a temporary name,
+    then renamed), so a client that polls for the file never finds it refusing
+    connections.
+    """
     if os.path.lexists(path):
         raise ConfigError(f"{what} '{path}' already exists: remove it or choose another path")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    temporary = f"{path}.{os.getpid()}~"
     old_umask = os.umask(0o177)
     try:
-        listener.bind(path)
+        try:
+            listener.bind(temporary)
+        except OSError:
+            temporary = path  # e.g. the longer name exceeds AF_UNIX's limit
+            listener.bind(path)
+        listener.listen(8)
+        if temporary != path:
+            os.rename(temporary, path)
     except OSError as exc:
         listener.close()
+        if temporary != path:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
         raise ConfigError(f"cannot create {what} '{path}': {exc.strerror}") from None
     finally:
         os.umask(old_umask)
-    listener.listen(8)
     return listener
 
 
