@@ -254,6 +254,7 @@ def test_bad_input_keeps_monitor_and_guest_running(vm_factory):
 def test_several_qmp_sockets_and_clients(vm_factory, tmp_path):
     second = tmp_path / "second.sock"
     vm = vm_factory("-qmp", f"unix:{second},server,nowait")
+    wait_for(second.exists)  # bound just after the first socket the factory waited for
     assert command(second, {"execute": "query-status"})[0]["return"]["status"] == "running"
     with socket.socket(socket.AF_UNIX) as watcher:
         watcher.settimeout(10)
