@@ -1,9 +1,9 @@
 """Console backends for the UART: none, stdio, a file, or a unix socket.
 
 Each backend takes guest output through `write` and, where it has input,
-feeds it to the UART from a thread of its own.  Output never blocks the vCPU
-for long: a socket client that stops reading loses output rather than
-stalling the guest.
+feeds it to the UART from a thread of its own.  Output never blocks the
+vCPU: a terminal, pipe or socket that stops reading loses output (beyond a
+bounded buffer) rather than stalling the guest.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import tty
 from collections.abc import Callable
 
 from stratovirt_py.config import SerialConfig, SerialKind
+from stratovirt_py.devices.output_sink import OutputSink
 from stratovirt_py.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class StdioChardev(Chardev):
         self._saved_tty: list | None = None
         self._reader: _Reader | None = None
         self._escape_pending = False
+        self._output = OutputSink(sys.stdout.fileno() if sys.stdout is not None else 1,
+                                  "serial stdio")
 
     def start(self, sink: InputSink, request_quit: Callable[[], None]) -> None:
         stdin = sys.stdin.fileno() if sys.stdin is not None else -1
@@ -126,10 +129,10 @@ class StdioChardev(Chardev):
         return bytes(out)
 
     def write(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
-            os.write(1, data)
+        self._output.write(data)
 
     def close(self) -> None:
+        self._output.close()
         if self._reader is not None:
             self._reader.stop()
         if self._saved_tty is not None:
@@ -143,16 +146,19 @@ class FileChardev(Chardev):
 
     def __init__(self, path: str) -> None:
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            # A FIFO may be given too: opening it must not wait for a reader.
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                               | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             raise ConfigError(f"cannot open serial file '{path}': {exc.strerror}") from None
+        self._output = OutputSink(self._fd, "serial file")
 
     def write(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._fd, data)
+        self._output.write(data)
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._output.close()
             os.close(self._fd)
             self._fd = -1
 
