@@ -161,7 +161,6 @@ def _run(config: MachineConfig, ready_pipe: int | None) -> int:
             machine.start()
             _report_to_parent(ready_pipe, b"ready")
             request = loop.run_until_complete(machine.exited)
-            machine.emit_event("SHUTDOWN", {"guest": request.guest, "reason": request.reason})
             if request.status:
                 log.error("%s", request.message)
                 if config.log_file and ready_pipe is None:

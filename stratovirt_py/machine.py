@@ -1,20 +1,20 @@
 """MicroVM: builds the x86_64 microvm from a MachineConfig and runs its lifecycle.
 
-Lifecycle states use QMP's RunState names.  The vCPU threads report guest
-exits here; the control plane (the asyncio loop in launcher.py, and QMP)
-waits for `exited` and asks for pause, resume and shutdown.
+The run state and its events belong to a Lifecycle (lifecycle.py).  The vCPU
+threads report guest exits here; the control plane (the asyncio loop in
+launcher.py, and QMP) waits for `exited` and asks for pause, resume and
+shutdown.  Events reach the listeners on the event-loop thread, whichever
+thread raised them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import logging
 import os
 import struct
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +53,7 @@ from stratovirt_py.devices.virtio.mmio import (
 from stratovirt_py.disks import DiskError, DiskSlots, Slot
 from stratovirt_py.errors import BootError, MonitorError
 from stratovirt_py.kvm import Kvm, KvmError, Vcpu, Vm, ffi, lib
+from stratovirt_py.lifecycle import Lifecycle, RunState
 from stratovirt_py.memory import GuestMemory
 from stratovirt_py.vcpu import GuestExit, GuestExitKind, VcpuThread, install_kick_handler
 
@@ -69,12 +70,7 @@ DELIVERY_MODE_EXTINT = 0x7
 DELIVERY_MODE_NMI = 0x4
 
 
-class RunState(enum.Enum):
-    PRELAUNCH = "prelaunch"
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUTDOWN = "shutdown"
-    INTERNAL_ERROR = "internal-error"
+__all__ = ["ExitRequest", "MicroVM", "RunState"]
 
 
 @dataclass(frozen=True)
@@ -96,13 +92,14 @@ class MicroVM:
         self.config = config
         self._loop = loop
         self._is_pvm = host_is_pvm() if is_pvm is None else is_pvm
-        self.state = RunState.PRELAUNCH
+        self._loop_thread = threading.get_ident()
         self.exited: asyncio.Future[ExitRequest] = loop.create_future()
         self.event_listeners: list[EventListener] = []
         self.kvm: Kvm | None = None
         self.vm: Vm | None = None
         self.memory: GuestMemory | None = None
         self.vcpu_threads: list[VcpuThread] = []
+        self.lifecycle = Lifecycle(self.vcpu_threads, self.emit_event, PAUSE_TIMEOUT)
         self.pio_bus = Bus("port I/O")
         self.mmio_bus = Bus("MMIO", unclaimed_log_level=logging.WARNING)
         self.chardev: Chardev = Chardev()
@@ -285,7 +282,7 @@ class MicroVM:
         self.chardev.start(self._feed_console, self.request_quit_from_console)
         if self._virtio_error_fd >= 0:
             self._loop.add_reader(self._virtio_error_fd, self._on_data_plane_error)
-        self.state = RunState.PRELAUNCH if paused else RunState.RUNNING
+        self.lifecycle.started(paused)
         log.info("VM started%s", " paused (-S)" if paused else "")
 
     def _on_data_plane_error(self) -> None:
@@ -300,23 +297,23 @@ class MicroVM:
         if self.serial is not None:
             self.serial.feed_input(data)
 
-    def pause(self) -> bool:
-        """Stops every vCPU; True once all are parked outside KVM_RUN."""
-        for thread in self.vcpu_threads:
-            thread.request_pause()
-        deadline = time.monotonic() + PAUSE_TIMEOUT
-        parked = all(t.wait_parked(max(0.0, deadline - time.monotonic()))
-                     for t in self.vcpu_threads)
-        if parked:
-            self.state = RunState.PAUSED
-        return parked
+    @property
+    def state(self) -> RunState:
+        return self.lifecycle.state
+
+    def pause(self) -> None:
+        """QMP stop: raises LifecycleError (and the VM keeps running) if it cannot."""
+        self.lifecycle.pause()
 
     def resume(self) -> None:
-        for thread in self.vcpu_threads:
-            thread.resume()
-        self.state = RunState.RUNNING
+        """QMP cont: raises LifecycleError unless paused or in prelaunch."""
+        self.lifecycle.resume()
 
     def emit_event(self, name: str, data: dict[str, Any]) -> None:
+        """Delivers an event to the listeners on the event-loop thread, in order."""
+        if threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self.emit_event, name, data)
+            return
         for listener in list(self.event_listeners):
             listener(name, data)
 
@@ -333,9 +330,18 @@ class MicroVM:
         self._loop.call_soon_threadsafe(self._finish_exit, request)
 
     def _finish_exit(self, request: ExitRequest) -> None:
-        self.state = RunState.INTERNAL_ERROR if request.status else RunState.SHUTDOWN
+        self.lifecycle.shut_down(bool(request.status), request.guest, request.reason)
         if not self.exited.done():
             self.exited.set_result(request)
+
+    def powerdown(self) -> None:
+        """QMP system_powerdown: a microvm has no ACPI, so the monitor powers the guest off.
+
+        POWERDOWN follows the command's return, as in QEMU, then SHUTDOWN.
+        """
+        self._loop.call_soon(self.emit_event, "POWERDOWN", {})
+        self.request_exit(ExitRequest(0, True, "guest-shutdown",
+                                      "system_powerdown requested over QMP"))
 
     def request_quit_from_console(self) -> None:
         self.request_exit(ExitRequest(0, False, "host-ui", "quit requested from the console"))

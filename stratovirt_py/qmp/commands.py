@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from stratovirt_py.machine import ExitRequest, RunState
+from stratovirt_py.lifecycle import LifecycleError, RunState
+from stratovirt_py.machine import ExitRequest
 from stratovirt_py.qmp.protocol import QmpError
 from stratovirt_py.qmp.registry import (
     COMMANDS,
@@ -99,22 +100,23 @@ def query_hotpluggable_cpus(machine: ManagedMachine, context: CommandContext,
 
 # Lifecycle.
 
+# The machine owns the run state and emits STOP/RESUME; as in StratoVirt, a
+# stop while paused and a cont while running are errors.
+
 @command("stop")
 def stop(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
-    if machine.state is RunState.PAUSED:
-        raise QmpError("Failed to pause VM: it is already paused")
-    if machine.state is RunState.RUNNING and not machine.pause():
-        raise QmpError("Failed to pause VM: its vCPUs did not stop in time")
-    machine.state = RunState.PAUSED
-    machine.emit_event("STOP", {})
+    try:
+        machine.pause()
+    except LifecycleError as exc:
+        raise QmpError(f"Failed to pause VM: {exc}") from None
 
 
 @command("cont")
 def cont(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
-    if machine.state not in (RunState.PAUSED, RunState.PRELAUNCH):
-        raise QmpError(f"Failed to resume VM: it is not paused (status: {machine.state.value})")
-    machine.resume()
-    machine.emit_event("RESUME", {})
+    try:
+        machine.resume()
+    except LifecycleError as exc:
+        raise QmpError(f"Failed to resume VM: {exc}") from None
 
 
 @command("quit")
@@ -132,10 +134,7 @@ def system_reset(machine: ManagedMachine, context: CommandContext, args: dict) -
 
 @command("system_powerdown")
 def system_powerdown(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
-    # No ACPI on a microvm: the monitor powers the guest off itself.
-    machine.emit_event("POWERDOWN", {})
-    machine.request_exit(ExitRequest(0, True, "guest-shutdown",
-                                     "system_powerdown requested over QMP"))
+    machine.powerdown()
 
 
 # File descriptors passed with SCM_RIGHTS.

@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 from stratovirt_py.config import MachineConfig
 from stratovirt_py.disks import DiskSlots
-from stratovirt_py.machine import ExitRequest, RunState
+from stratovirt_py.lifecycle import RunState
+from stratovirt_py.machine import ExitRequest
 from stratovirt_py.qmp.protocol import QmpError, error_message, return_message
 from stratovirt_py.qmp.schema import Schema, check_arguments
 
@@ -24,19 +25,25 @@ QEMU_VERSION = {"qemu": {"micro": 1, "minor": 0, "major": 4}, "package": ""}
 class ManagedMachine(Protocol):
     """What the commands need of the machine (MicroVM, or a fake in unit tests)."""
 
-    state: RunState
     config: MachineConfig
+
+    @property
+    def state(self) -> RunState: ...
 
     @property
     def exit_pending(self) -> bool: ...
 
     def vcpu_thread_ids(self) -> list[int | None]: ...
 
-    def pause(self) -> bool: ...
+    def pause(self) -> None:
+        """Raises LifecycleError (nothing changed) if the VM cannot be paused."""
 
-    def resume(self) -> None: ...
+    def resume(self) -> None:
+        """Raises LifecycleError (nothing changed) if the VM is not paused."""
 
     def request_exit(self, request: ExitRequest) -> None: ...
+
+    def powerdown(self) -> None: ...
 
     def emit_event(self, name: str, data: dict[str, Any]) -> None: ...
 

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stratovirt_py.config import CpuTopology, MachineConfig
-from stratovirt_py.machine import ExitRequest, RunState
+from stratovirt_py.lifecycle import Lifecycle, RunState
+from stratovirt_py.machine import ExitRequest
 from stratovirt_py.qmp.protocol import (
     JsonStreamSplitter,
     MessageTooLarge,
@@ -30,14 +31,37 @@ GREETING = (b'{"QMP":{"version":{"qemu":{"micro":1,"minor":0,"major":4},"package
             b'"capabilities":[]}}\r\n')
 
 
+class FakeVcpu:
+    """A vCPU thread that parks at once, or never (a vCPU stuck outside the monitor's reach)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.stuck = False
+        self.is_parked = False
+
+    def request_pause(self) -> None:
+        self.is_parked = not self.stuck
+
+    def wait_parked(self, timeout: float) -> bool:
+        return self.is_parked
+
+    def resume(self) -> None:
+        self.is_parked = False
+
+
 class FakeMachine:
     def __init__(self, cpus: int = 2, max_cpus: int | None = None) -> None:
-        self.state = RunState.RUNNING
         self.config = MachineConfig(topology=CpuTopology.build(cpus, max_cpus))
         self.listeners: list = []
         self.exit_requests: list[ExitRequest] = []
-        self.pause_works = True
+        self.vcpus = [FakeVcpu(i) for i in range(cpus)]
+        self.lifecycle = Lifecycle(self.vcpus, self.emit_event, pause_timeout=0.01)
+        self.lifecycle.started(paused=False)
         self.disks = None
+
+    @property
+    def state(self) -> RunState:
+        return self.lifecycle.state
 
     @property
     def exit_pending(self) -> bool:
@@ -46,16 +70,17 @@ class FakeMachine:
     def vcpu_thread_ids(self) -> list[int | None]:
         return [1000 + i for i in range(self.config.topology.cpus)]
 
-    def pause(self) -> bool:
-        if self.pause_works:
-            self.state = RunState.PAUSED
-        return self.pause_works
+    def pause(self) -> None:
+        self.lifecycle.pause()
 
     def resume(self) -> None:
-        self.state = RunState.RUNNING
+        self.lifecycle.resume()
 
     def request_exit(self, request: ExitRequest) -> None:
         self.exit_requests.append(request)
+
+    def powerdown(self) -> None:
+        self.request_exit(ExitRequest(0, True, "guest-shutdown", "powerdown"))
 
     def emit_event(self, name: str, data: dict[str, Any]) -> None:
         for listener in self.listeners:
@@ -204,16 +229,28 @@ def test_stop_cont_state_machine_and_events():
     assert events == ["STOP", "RESUME"]
 
 
-def test_stop_that_cannot_pause_reports_failure():
+def test_stop_that_cannot_pause_rolls_back_and_keeps_running():
     machine = FakeMachine()
-    machine.pause_works = False
-    assert run(machine, {"execute": "stop"})["error"]["desc"].startswith("Failed to pause VM")
-    assert machine.state is RunState.RUNNING
+    events: list = []
+    machine.listeners.append(lambda name, data: events.append(name))
+    machine.vcpus[1].stuck = True
+    reply = run(machine, {"execute": "stop"})
+    assert reply["error"]["desc"] == ("Failed to pause VM: vCPU 1 did not stop within 0.01 s; "
+                                      "the VM keeps running")
+    # Nothing changed: still running, no STOP, every vCPU let go again.
+    assert machine.state is RunState.RUNNING and events == []
+    assert not any(vcpu.is_parked for vcpu in machine.vcpus)
+    assert run(machine, {"execute": "cont"})["error"]["desc"] == (
+        "Failed to resume VM: it is not paused (status: running)")
+    machine.vcpus[1].stuck = False
+    assert run(machine, {"execute": "stop"}) == {"return": {}}
+    assert run(machine, {"execute": "cont"}) == {"return": {}}
+    assert events == ["STOP", "RESUME"]
 
 
 def test_cont_from_prelaunch():
     machine = FakeMachine()
-    machine.state = RunState.PRELAUNCH
+    machine.lifecycle.started(paused=True)
     assert run(machine, {"execute": "query-status"})["return"]["status"] == "prelaunch"
     assert run(machine, {"execute": "cont"}) == {"return": {}}
     assert machine.state is RunState.RUNNING
