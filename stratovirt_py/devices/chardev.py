@@ -13,7 +13,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import sys
 import termios
 import threading
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from stratovirt_py.config import SerialConfig, SerialKind
 from stratovirt_py.devices.output_sink import OutputSink
 from stratovirt_py.errors import ConfigError
+from stratovirt_py.unix_listener import create_unix_listener, remove_socket_file
 
 log = logging.getLogger(__name__)
 
@@ -161,44 +161,6 @@ class FileChardev(Chardev):
             self._output.close()
             os.close(self._fd)
             self._fd = -1
-
-
-def create_unix_listener(path: str, what: str) -> socket.socket:
-    """Binds a unix socket at `path` (which must not exist) with mode 0600.
-
-    The socket listens before its name appears (bound under a temporary name,
-    then renamed), so a client that polls for the file never finds it refusing
-    connections.
-    """
-    if os.path.lexists(path):
-        raise ConfigError(f"{what} '{path}' already exists: remove it or choose another path")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    temporary = f"{path}.{os.getpid()}~"
-    old_umask = os.umask(0o177)
-    try:
-        try:
-            listener.bind(temporary)
-        except OSError:
-            temporary = path  # e.g. the longer name exceeds AF_UNIX's limit
-            listener.bind(path)
-        listener.listen(8)
-        if temporary != path:
-            os.rename(temporary, path)
-    except OSError as exc:
-        listener.close()
-        if temporary != path:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-        raise ConfigError(f"cannot create {what} '{path}': {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    return listener
-
-
-def remove_socket_file(path: str) -> None:
-    with contextlib.suppress(OSError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
 
 
 class SocketChardev(Chardev):

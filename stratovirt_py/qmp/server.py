@@ -18,7 +18,6 @@ import socket
 import time
 from typing import Any
 
-from stratovirt_py.devices.chardev import create_unix_listener, remove_socket_file
 from stratovirt_py.qmp.protocol import (
     JsonStreamSplitter,
     MessageTooLarge,
@@ -30,6 +29,7 @@ from stratovirt_py.qmp.protocol import (
     event_message,
 )
 from stratovirt_py.qmp.registry import QEMU_VERSION, ManagedMachine, dispatch
+from stratovirt_py.unix_listener import create_unix_listener, remove_socket_file
 
 log = logging.getLogger(__name__)
 
