@@ -7,6 +7,8 @@ means the same thing and is checked the same way whichever way it came in.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -268,3 +270,24 @@ class MachineConfig:
             raise ConfigError("the same QMP socket path is given twice")
         check_memory_size(self.memory_size)
         return self
+
+    def with_absolute_paths(self) -> MachineConfig:
+        """The same configuration with every host path made absolute.
+
+        A daemon changes to / after forking: relative paths given by the user
+        must keep meaning what they meant where the command was typed.
+        """
+        def absolute(path: str | None) -> str | None:
+            return os.path.abspath(path) if path else path
+
+        return dataclasses.replace(
+            self,
+            kernel=absolute(self.kernel),
+            initrd=absolute(self.initrd),
+            serial=dataclasses.replace(self.serial, path=absolute(self.serial.path)),
+            qmp_sockets=tuple(os.path.abspath(path) for path in self.qmp_sockets),
+            disks=tuple(dataclasses.replace(disk, path=os.path.abspath(disk.path))
+                        for disk in self.disks),
+            log_file=absolute(self.log_file),
+            pidfile=absolute(self.pidfile),
+        )

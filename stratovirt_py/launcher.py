@@ -130,6 +130,8 @@ def _report_to_parent(pipe: int | None, message: bytes) -> None:
 
 def launch(config: MachineConfig) -> int:
     """Runs the VM described by `config` until it ends; returns the process exit status."""
+    if config.daemonize:
+        config = config.with_absolute_paths()
     if config.pidfile and os.path.lexists(config.pidfile):
         raise ConfigError(f"pid file '{config.pidfile}' already exists")
     setup_logging(config)
@@ -148,6 +150,10 @@ def launch(config: MachineConfig) -> int:
 def _run(config: MachineConfig, ready_pipe: int | None) -> int:
     loop = asyncio.new_event_loop()
     machine = MicroVM(config, loop)
+    # Before anything that must be cleaned up exists: a signal from now on is
+    # held until the loop runs, and then ends the VM the orderly way.
+    for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signo, _on_signal, machine, signo)
     qmp: QmpServer | None = None
     try:
         with pidfile(config.pidfile):
@@ -155,8 +161,6 @@ def _run(config: MachineConfig, ready_pipe: int | None) -> int:
             qmp = QmpServer(machine, loop, config.qmp_sockets)
             machine.event_listeners.append(qmp.broadcast_event)
             machine.build()
-            for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.add_signal_handler(signo, _on_signal, machine, signo)
             qmp.start()
             machine.start()
             _report_to_parent(ready_pipe, b"ready")
