@@ -23,7 +23,7 @@ from stratovirt_py.config import (
     reject_unknown,
     split_options,
 )
-from stratovirt_py.errors import ConfigError, MonitorError
+from stratovirt_py.errors import ConfigError, MonitorError, error_line
 
 USAGE = """\
 usage: stratovirt-py [options]
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return launch(config)
     except MonitorError as exc:
-        sys.stderr.write(f"stratovirt-py: error: {exc}\n")
+        sys.stderr.write(error_line(exc))
         return 1
     except KeyboardInterrupt:
         return 1

@@ -27,6 +27,9 @@ DEFAULT_MEMORY = 256 * MiB
 MAX_DISKS = 6
 MAX_NICS = 2
 
+# No size or count needs more; longer numbers are refused before conversion.
+MAX_NUMBER_DIGITS = 24
+
 _SIZE_SUFFIXES = {"": None, "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
 
 
@@ -39,7 +42,9 @@ def parse_size(text: str, what: str, default_unit: int = MiB) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)[bB]?\s*", text)
     if not match:
         raise ConfigError(
-            f"invalid {what} '{text}': expected a number with an optional K/M/G suffix")
+            f"invalid {what} '{_shorten(text)}': expected a number with an optional K/M/G suffix")
+    if len(match.group(1)) > MAX_NUMBER_DIGITS:
+        raise ConfigError(f"invalid {what} '{_shorten(text)}': the number is too large")
     number, suffix = int(match.group(1)), match.group(2).lower()
     unit = _SIZE_SUFFIXES[suffix] or default_unit
     return number * unit
@@ -55,10 +60,17 @@ def parse_bool(text: str, what: str) -> bool:
 
 
 def parse_int(text: str, what: str) -> int:
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise ConfigError(f"invalid {what} '{_shorten(text)}': the number is too large")
     try:
         return int(text, 0)
     except ValueError:
         raise ConfigError(f"invalid {what} '{text}': expected an integer") from None
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    """User input quoted in an error, cut to a readable length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def split_options(text: str, option: str, positional: str | None = None) -> dict[str, str]:
@@ -268,8 +280,19 @@ class MachineConfig:
                 raise ConfigError(f"{kind} id '{duplicates[0]}' is used twice")
         if len(set(self.qmp_sockets)) != len(self.qmp_sockets):
             raise ConfigError("the same QMP socket path is given twice")
+        for what, path in self._paths():
+            if "\0" in path:
+                raise ConfigError(f"the {what} path contains a NUL character")
         check_memory_size(self.memory_size)
         return self
+
+    def _paths(self) -> list[tuple[str, str]]:
+        """(what, path) for every host path in the configuration."""
+        paths = [("kernel", self.kernel), ("initrd", self.initrd), ("serial", self.serial.path),
+                 ("log file", self.log_file), ("pid file", self.pidfile)]
+        paths += [("QMP socket", path) for path in self.qmp_sockets]
+        paths += [(f"drive '{disk.id}'", disk.path) for disk in self.disks]
+        return [(what, path) for what, path in paths if path is not None]
 
     def with_absolute_paths(self) -> MachineConfig:
         """The same configuration with every host path made absolute.

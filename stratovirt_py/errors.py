@@ -11,3 +11,14 @@ class ConfigError(MonitorError):
 
 class BootError(MonitorError):
     """The guest cannot be set up: kernel, initrd or memory problems."""
+
+
+def error_line(message: object) -> str:
+    """`stratovirt-py: error: <message>` as one printable line, whatever the message holds.
+
+    Messages quote user input, which may carry newlines, control characters or
+    bytes that are not UTF-8 (surrogate escapes from argv): they are escaped.
+    """
+    text = str(message).encode("utf-8", "backslashreplace").decode("utf-8")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return f"stratovirt-py: error: {text}\n"

@@ -149,6 +149,8 @@ def load_json_config(path: str) -> MachineConfig:
             data = json.load(file)
     except OSError as exc:
         raise ConfigError(f"cannot read -config file '{path}': {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # malformed JSON, bad UTF-8, a number too long to convert
         raise ConfigError(f"-config file '{path}' is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"-config file '{path}' is nested too deeply") from None
     return parse_json_config(data)

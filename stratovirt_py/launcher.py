@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 from stratovirt_py.config import MachineConfig
-from stratovirt_py.errors import ConfigError, MonitorError
+from stratovirt_py.errors import ConfigError, MonitorError, error_line
 from stratovirt_py.kvm import KvmError
 from stratovirt_py.machine import ExitRequest, MicroVM
 from stratovirt_py.qmp.server import QmpServer
@@ -139,7 +139,7 @@ def launch(config: MachineConfig) -> int:
     try:
         status = _run(config, ready_pipe)
     except (MonitorError, KvmError) as exc:
-        _report_to_parent(ready_pipe, f"stratovirt-py: error: {exc}\n".encode())
+        _report_to_parent(ready_pipe, error_line(exc).encode())
         if ready_pipe is None:
             raise MonitorError(str(exc)) from None
         log.error("%s", exc)
@@ -169,7 +169,7 @@ def _run(config: MachineConfig, ready_pipe: int | None) -> int:
                 log.error("%s", request.message)
                 if config.log_file and ready_pipe is None:
                     # The log is in a file; the person at the terminal must see this too.
-                    sys.stderr.write(f"stratovirt-py: error: {request.message}\n")
+                    sys.stderr.write(error_line(request.message))
             else:
                 log.info("VM exits: %s", request.message)
             return request.status
