@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,3 +44,51 @@ def elf_image(segments: list[tuple[int, bytes, int]], entry: int) -> bytes:
     header = struct.pack("<16sHHIQQQIHHHHHH", ident, 2, 62, 1, entry, header_size, 0, 0,
                          header_size, phdr_size, len(segments), 64, 0, 0)
     return header + phdrs + blobs
+
+
+@contextlib.contextmanager
+def running_monitor(args: list[str], **kwargs) -> Iterator[subprocess.Popen]:
+    """The monitor as a background process, killed at the end if it is still running."""
+    kwargs.setdefault("env", monitor_env())
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    process = subprocess.Popen([*MONITOR, *args], **kwargs)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def wait_for_socket(process: subprocess.Popen, path: str | Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, "the monitor exited during start-up"
+        assert time.monotonic() < deadline, "QMP socket never appeared"
+        time.sleep(0.02)
+
+
+class Qmp:
+    """A line-at-a-time QMP client that keeps the events it reads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+        self.buffer = b""
+        self.events: list[dict] = []
+        assert "QMP" in self.read()
+
+    def read(self) -> dict:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            assert chunk, "QMP connection closed"
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, name: str, **arguments) -> dict:
+        self.sock.sendall(json.dumps({"execute": name, "arguments": arguments}).encode())
+        while "event" in (message := self.read()):
+            self.events.append(message)
+        return message

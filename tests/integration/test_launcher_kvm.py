@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MONITOR, monitor_env, run_monitor
-from tests.integration.test_lifecycle_kvm import Qmp
+from tests.helpers import MONITOR, Qmp, monitor_env, run_monitor
 
 pytestmark = pytest.mark.kvm
 

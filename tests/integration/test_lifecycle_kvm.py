@@ -5,17 +5,15 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
-import json
 import os
 import select
-import socket
 import subprocess
 import termios
 import time
 
 import pytest
 
-from tests.helpers import MONITOR, monitor_env
+from tests.helpers import Qmp, running_monitor, wait_for_socket
 
 pytestmark = pytest.mark.kvm
 
@@ -31,52 +29,16 @@ def bytes_in_pipe(read_end: int) -> int:
     return count[0]
 
 
-class Qmp:
-    """A line-at-a-time QMP client that keeps the events it reads."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(path)
-        self.buffer = b""
-        self.events: list[dict] = []
-        assert "QMP" in self.read()
-
-    def read(self) -> dict:
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            assert chunk, "QMP connection closed"
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    def execute(self, name: str, **arguments) -> dict:
-        self.sock.sendall(json.dumps({"execute": name, "arguments": arguments}).encode())
-        while "event" in (message := self.read()):
-            self.events.append(message)
-        return message
-
-
-def wait_for_socket(process: subprocess.Popen, path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert process.poll() is None, "the monitor exited during start-up"
-        assert time.monotonic() < deadline, "QMP socket never appeared"
-        time.sleep(0.02)
-
-
 def test_stop_and_cont_while_nobody_reads_the_console(svtest_guest, tmp_path):
     """A vCPU writing to a full stdout pipe used to block there, so `stop` timed out,
     left every vCPU parked and query-status still said running."""
     qmp_path = str(tmp_path / "qmp.sock")
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
-    process = subprocess.Popen(
-        [*MONITOR, "-kernel", str(svtest_guest), "-serial", "stdio",
-         "-qmp", f"unix:{qmp_path},server,nowait",
-         "-append", "svtest.action=spin svtest.tick=100"],
-        stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE, env=monitor_env())
-    try:
+    with running_monitor(["-kernel", str(svtest_guest), "-serial", "stdio",
+                          "-qmp", f"unix:{qmp_path},server,nowait",
+                          "-append", "svtest.action=spin svtest.tick=100"],
+                         stdout=write_end, stderr=subprocess.PIPE) as process:
         wait_for_socket(process, qmp_path)
         # The guest prints a line per tick; nobody reads the pipe.  Blocking
         # writes would fill it to the byte within a second or two; the monitor
@@ -107,9 +69,5 @@ def test_stop_and_cont_while_nobody_reads_the_console(svtest_guest, tmp_path):
                 received += os.read(read_end, 65536)
         assert qmp.execute("quit") == {"return": {}}
         assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(read_end)
-        os.close(write_end)
+    os.close(read_end)
+    os.close(write_end)
