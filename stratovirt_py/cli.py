@@ -11,6 +11,7 @@ from stratovirt_py import __version__
 from stratovirt_py.config import (
     BalloonConfig,
     CpuTopology,
+    DiskConfig,
     DriveConfig,
     MachineConfig,
     NetdevConfig,
@@ -61,7 +62,7 @@ class _Builder:
     values: dict[str, object] = field(default_factory=dict)
     drives: dict[str, DriveConfig] = field(default_factory=dict)
     netdevs: dict[str, NetdevConfig] = field(default_factory=dict)
-    disks: list[DriveConfig] = field(default_factory=list)
+    disks: list[DiskConfig] = field(default_factory=list)
     nics: list[NetdevConfig] = field(default_factory=list)
     qmp_sockets: list[str] = field(default_factory=list)
     config_file: str | None = None
@@ -155,7 +156,10 @@ def parse_device(text: str, builder: _Builder) -> None:
                               f"'{options.get('drive', '')}' (give -drive before -device)")
         if "serial" in options:
             drive = dataclasses.replace(drive, serial=options["serial"])
-        builder.disks.append(drive)
+        if "id" in options and not options["id"]:
+            raise ConfigError(f"invalid -device {driver}: empty id")
+        # As in QEMU, the device is named after its drive unless it has an id.
+        builder.disks.append(DiskConfig(options.get("id", drive.id), drive))
     elif driver in ("virtio-net-device", "virtio-net-mmio"):
         reject_unknown(options, {"id", "netdev", "mac", "iothread"}, "-device")
         netdev = builder.netdevs.get(options.get("netdev", ""))

@@ -226,6 +226,14 @@ class DriveConfig:
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    """A virtio-blk device (`-device virtio-blk-device` or a JSON `drive`) and its drive."""
+
+    id: str
+    drive: DriveConfig
+
+
+@dataclass(frozen=True)
 class NetdevConfig:
     """A tap backend (`-netdev tap`, JSON `net`, or QMP netdev_add)."""
 
@@ -252,7 +260,7 @@ class MachineConfig:
     initrd: str | None = None
     serial: SerialConfig = field(default_factory=SerialConfig)
     qmp_sockets: tuple[str, ...] = ()
-    disks: tuple[DriveConfig, ...] = ()
+    disks: tuple[DiskConfig, ...] = ()
     nics: tuple[NetdevConfig, ...] = ()
     balloon: BalloonConfig | None = None
     log_file: str | None = None
@@ -273,8 +281,9 @@ class MachineConfig:
             raise ConfigError(f"at most {MAX_DISKS} virtio-blk disks are supported")
         if len(self.nics) > MAX_NICS:
             raise ConfigError(f"at most {MAX_NICS} virtio-net devices are supported")
-        for kind, items in (("drive", self.disks), ("netdev", self.nics)):
-            ids = [item.id for item in items]
+        for kind, ids in (("device", [d.id for d in self.disks]),
+                          ("drive", [d.drive.id for d in self.disks]),
+                          ("netdev", [n.id for n in self.nics])):
             duplicates = sorted({i for i in ids if ids.count(i) > 1})
             if duplicates:
                 raise ConfigError(f"{kind} id '{duplicates[0]}' is used twice")
@@ -291,7 +300,7 @@ class MachineConfig:
         paths = [("kernel", self.kernel), ("initrd", self.initrd), ("serial", self.serial.path),
                  ("log file", self.log_file), ("pid file", self.pidfile)]
         paths += [("QMP socket", path) for path in self.qmp_sockets]
-        paths += [(f"drive '{disk.id}'", disk.path) for disk in self.disks]
+        paths += [(f"drive '{disk.drive.id}'", disk.drive.path) for disk in self.disks]
         return [(what, path) for what, path in paths if path is not None]
 
     def with_absolute_paths(self) -> MachineConfig:
@@ -309,8 +318,8 @@ class MachineConfig:
             initrd=absolute(self.initrd),
             serial=dataclasses.replace(self.serial, path=absolute(self.serial.path)),
             qmp_sockets=tuple(os.path.abspath(path) for path in self.qmp_sockets),
-            disks=tuple(dataclasses.replace(disk, path=os.path.abspath(disk.path))
-                        for disk in self.disks),
+            disks=tuple(dataclasses.replace(disk, drive=dataclasses.replace(
+                disk.drive, path=os.path.abspath(disk.drive.path))) for disk in self.disks),
             log_file=absolute(self.log_file),
             pidfile=absolute(self.pidfile),
         )

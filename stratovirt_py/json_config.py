@@ -13,6 +13,7 @@ from typing import Any
 from stratovirt_py.config import (
     BalloonConfig,
     CpuTopology,
+    DiskConfig,
     DriveConfig,
     MachineConfig,
     NetdevConfig,
@@ -104,14 +105,15 @@ def parse_json_config(data: Any) -> MachineConfig:
                                     "serial_num", "iothread", "iops"},
                     {"drive_id", "path_on_host"})
     if drives:
+        # The legacy format names the device and its drive alike.
         values["disks"] = tuple(
-            DriveConfig(
-                id=_expect(d["drive_id"], str, "drive.drive_id"),
+            DiskConfig(_expect(d["drive_id"], str, "drive.drive_id"), DriveConfig(
+                id=d["drive_id"],
                 path=_expect(d["path_on_host"], str, "drive.path_on_host"),
                 read_only=_expect(d.get("read_only", False), bool, "drive.read_only"),
                 direct=_expect(d.get("direct", True), bool, "drive.direct"),
                 serial=_expect(d.get("serial_num"), (str, type(None)), "drive.serial_num"),
-            )
+            ))
             for d in drives
         )
     nets = _items(data, "net", {"iface_id", "host_dev_name", "mac", "tap_fd", "vhost_type",

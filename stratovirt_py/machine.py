@@ -228,12 +228,12 @@ class MicroVM:
                 functools.partial(VirtioBlock, name, self._c_memory, self.iothread))
             slots.append(Slot(index, transport.device, transport.notify_config_change))
         self.disks = DiskSlots(slots)
-        for drive in self.config.disks:
+        for disk in self.config.disks:
             try:
-                self.disks.add_node(drive)
-                self.disks.attach(None, drive.id, drive.id, boot=True)
+                self.disks.add_node(disk.drive)
+                self.disks.attach(None, disk.id, disk.drive.id, boot=True)
             except DiskError as exc:
-                raise BootError(f"drive '{drive.id}': {exc.desc}") from None
+                raise BootError(f"drive '{disk.drive.id}': {exc.desc}") from None
 
     def _write_cmdline(self, kernel: LoadedKernel) -> None:
         assert self.memory is not None
@@ -289,6 +289,21 @@ class MicroVM:
         drain_eventfd(self._virtio_error_fd)
         for transport in self.virtio_transports:
             transport.on_data_plane_error()
+
+    async def device_del(self, device_id: str) -> None:
+        """QMP device_del: empties the disk's slot, then DEVICE_DELETED.
+
+        Waiting for the requests in flight and syncing the image happen on a
+        worker thread, so the event loop keeps serving other clients and signals.
+        """
+        if self.disks is None:
+            raise DiskError(f"Device '{device_id}' not found", "DeviceNotFound")
+        slot = self.disks.begin_detach(device_id)
+        try:
+            await self._loop.run_in_executor(None, self.disks.empty, slot)
+        finally:
+            self.disks.finish_detach(slot)
+        self.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})
 
     def vcpu_thread_ids(self) -> list[int | None]:
         return [thread.thread_id for thread in self.vcpu_threads]

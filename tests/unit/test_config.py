@@ -170,8 +170,14 @@ def test_drives_and_devices_fill_slots_in_device_order():
                    "-drive", "id=b,file=/b.img",
                    "-device", "virtio-blk-device,drive=b,id=disk-b,serial=SER",
                    "-device", "virtio-blk-device,drive=a,id=disk-a")
-    assert [(d.id, d.path, d.read_only, d.direct, d.serial) for d in config.disks] == [
-        ("b", "/b.img", False, True, "SER"), ("a", "/a.img", True, False, None)]
+    assert [(d.id, d.drive.id, d.drive.path, d.drive.read_only, d.drive.direct, d.drive.serial)
+            for d in config.disks] == [("disk-b", "b", "/b.img", False, True, "SER"),
+                                       ("disk-a", "a", "/a.img", True, False, None)]
+
+
+def test_a_device_without_id_is_named_after_its_drive():
+    config = parse("-drive", "id=a,file=/a.img", "-device", "virtio-blk-device,drive=a")
+    assert [(d.id, d.drive.id) for d in config.disks] == [("a", "a")]
 
 
 def test_device_errors():
@@ -181,6 +187,13 @@ def test_device_errors():
         parse("-device", "virtio-gpu")
     with pytest.raises(ConfigError, match="used twice"):
         parse("-drive", "id=a,file=/a", "-drive", "id=a,file=/b")
+    with pytest.raises(ConfigError, match="device id 'dev' is used twice"):
+        parse("-drive", "id=a,file=/a", "-drive", "id=b,file=/b",
+              "-device", "virtio-blk-device,drive=a,id=dev",
+              "-device", "virtio-blk-device,drive=b,id=dev")
+    with pytest.raises(ConfigError, match="drive id 'a' is used twice"):
+        parse("-drive", "id=a,file=/a", "-device", "virtio-blk-device,drive=a,id=x",
+              "-device", "virtio-blk-device,drive=a,id=y")
     seven = []
     for i in range(7):
         seven += ["-drive", f"id=d{i},file=/d{i}", "-device", f"virtio-blk-device,drive=d{i}"]
@@ -225,7 +238,8 @@ def test_json_config_builds_the_same_model(tmp_path):
     assert config.kernel == "/path/to/kernel"
     assert config.cmdline.startswith("console=ttyS0")
     assert config.topology.cpus == 2 and config.memory_size == 256 * MiB
-    assert config.disks[0].path == "/path/to/rootfs/image" and not config.disks[0].direct
+    assert config.disks[0].drive.path == "/path/to/rootfs/image"
+    assert not config.disks[0].drive.direct
     assert config.nics[0].ifname == "tap0"
     assert config.balloon is not None and config.balloon.deflate_on_oom
     assert config.serial.kind is SerialKind.STDIO

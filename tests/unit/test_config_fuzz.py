@@ -49,7 +49,7 @@ def no_vm(monkeypatch):
         assert isinstance(config, MachineConfig)
         # What launch() would hand to the OS must be usable there.
         for path in (config.kernel, config.initrd, config.serial.path, config.pidfile,
-                     config.log_file, *config.qmp_sockets, *(d.path for d in config.disks)):
+                     config.log_file, *config.qmp_sockets, *(d.drive.path for d in config.disks)):
             assert path is None or "\0" not in path
         launched.append(config)
         return 0
