@@ -4,6 +4,12 @@ Slots exist from boot; an empty slot is a disk of capacity 0.  Filling or
 emptying one is a config change the guest hears about at once.  This is the
 spec's hot-plug: `blockdev-add` registers a node, `device_add` puts it in a
 slot, `device_del` empties the slot, `blockdev-del` forgets an unused node.
+Node names are unique among registered nodes and the nodes devices use;
+device ids are unique among devices.
+
+Emptying a slot waits for the guest's requests in flight and syncs the image:
+that part (`empty`) may run on a worker thread, between `begin_detach` and
+`finish_detach` on the event loop, while the slot stays reserved.
 """
 
 from __future__ import annotations
@@ -15,7 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stratovirt_py.config import MAX_DISKS, DriveConfig
-from stratovirt_py.devices.virtio.block import BackendError, DiskBackend, VirtioBlock
+from stratovirt_py.devices.virtio.block import (
+    BackendError,
+    DiskBackend,
+    VirtioBlock,
+    open_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +47,7 @@ class Slot:
     notify_config_change: Callable[[], None]
     device_id: str | None = None
     node_name: str | None = None
+    detaching: bool = False
 
     @property
     def guest_name(self) -> str:
@@ -64,7 +76,7 @@ class DiskSlots:
 
     def add_node(self, drive: DriveConfig) -> None:
         """blockdev-add: checks the image now, so errors come with the command."""
-        if drive.id in self.nodes or any(s.device_id == drive.id for s in self.slots):
+        if drive.id in self.nodes or self.find_device(drive.id, by_node=True) is not None:
             raise DiskError(f"Duplicate node name '{drive.id}'")
         if not drive.id or not (drive.id[0].isalpha()) or len(drive.id) > 31 or not all(
                 c.isalnum() or c in "-._" for c in drive.id):
@@ -72,12 +84,10 @@ class DiskSlots:
         if len(self.nodes) + self.occupied() >= MAX_DISKS:
             raise DiskError(f"A maximum of {MAX_DISKS} virtio-blk disks are supported "
                             f"({self.occupied()} attached, {len(self.nodes)} waiting)")
-        flags = os.O_RDONLY if drive.read_only else os.O_RDWR
         try:
-            fd = os.open(drive.path, flags | os.O_CLOEXEC)
-        except OSError as exc:
-            raise DiskError(f"Could not open '{drive.path}': {exc.strerror}") from None
-        os.close(fd)
+            os.close(open_image(drive.path, os.O_RDONLY if drive.read_only else os.O_RDWR))
+        except BackendError as exc:
+            raise DiskError(str(exc.strerror)) from None
         user = self._slot_using(self._identity(drive.path))
         if user is not None:
             raise DiskError(f"'{drive.path}' is already in use by disk '{user.device_id}' "
@@ -146,18 +156,30 @@ class DiskSlots:
                  backend.sectors, ", read-only" if drive.read_only else "", slot.guest_name)
         return slot
 
-    def detach(self, device_id: str) -> Slot:
-        """device_del: empties the slot; the node goes away with it (as in StratoVirt)."""
+    def begin_detach(self, device_id: str) -> Slot:
+        """device_del, first step: the slot stays reserved (id and place) until finished."""
         slot = self.find_device(device_id)
         if slot is None:
             raise DiskError(f"Device '{device_id}' not found", "DeviceNotFound")
+        if slot.detaching:
+            raise DiskError(f"Device {device_id} is already in the process of unplug")
+        slot.detaching = True
+        return slot
+
+    @staticmethod
+    def empty(slot: Slot) -> None:
+        """device_del, the blocking step (any thread): requests in flight end, the guest
+        is told, and the image is synced and closed."""
         previous = slot.device.set_backend(None)
         slot.notify_config_change()
         if previous is not None:
             previous.close()
-        log.info("disk '%s' removed from %s", device_id, slot.guest_name)
+
+    def finish_detach(self, slot: Slot) -> None:
+        """device_del, last step: the slot is free; the node went away with the device."""
+        log.info("disk '%s' removed from %s", slot.device_id, slot.guest_name)
         slot.device_id = slot.node_name = None
-        return slot
+        slot.detaching = False
 
     def close(self) -> None:
         """At exit, after the I/O thread has stopped: images are synced and closed."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stratovirt_py.config import DriveConfig
+from stratovirt_py.config import MAX_DISKS, DriveConfig
 from stratovirt_py.disks import DiskError, DiskSlots
 from stratovirt_py.qmp.protocol import QmpError
 from stratovirt_py.qmp.registry import CommandContext, ManagedMachine, command
@@ -96,7 +96,11 @@ def _slot_from(args: dict[str, Any], device_id: str) -> int | None:
         lun = args["lun"]
         if not isinstance(lun, int) or isinstance(lun, bool):
             raise QmpError("Invalid parameter type for 'lun', expected: integer")
-        return lun + 1  # the spec: lun 0 is vdb
+        # The spec: lun 0 is vdb, and so on to the last slot; vda has no lun.
+        if not 0 <= lun <= MAX_DISKS - 2:
+            raise QmpError(f"Invalid lun {lun}: luns 0 (vdb) to {MAX_DISKS - 2} "
+                           f"(vd{chr(ord('a') + MAX_DISKS - 1)}) are the disk slots after vda")
+        return lun + 1
     return None
 
 
@@ -126,6 +130,11 @@ def device_add(machine: ManagedMachine, context: CommandContext, args: dict) -> 
 @command("device_del", {"id": Arg("str")})
 def device_del(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
     device_id = args["id"]
-    _run(lambda: _disks(machine).detach(device_id))
+    disks = _disks(machine)
+    slot = _run(lambda: disks.begin_detach(device_id))
+    try:
+        disks.empty(slot)
+    finally:
+        disks.finish_detach(slot)
     # The slot is empty already: the removal is complete before the return.
     machine.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})

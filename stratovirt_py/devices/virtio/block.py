@@ -54,6 +54,31 @@ class BackendError(OSError):
     """An image file could not be opened."""
 
 
+def open_image(path: str, flags: int) -> int:
+    """Opens a raw image (a regular file or a block device) without ever blocking.
+
+    O_NONBLOCK keeps a FIFO or a device that waits in open() from stopping the
+    monitor's event loop; anything but a regular file or block device is
+    refused, and O_NONBLOCK is cleared again for the data plane.
+    """
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BackendError(exc.errno, f"Could not open '{path}': {exc.strerror}") from None
+    except ValueError:  # an embedded NUL
+        raise BackendError(errno.EINVAL, f"Could not open '{path}': invalid file name") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise BackendError(errno.ENODEV, f"Could not open '{path}': not a regular file "
+                               "or block device")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @dataclass
 class DiskBackend:
     """An open image: the fds the C side uses and what the guest is told."""
@@ -66,12 +91,8 @@ class DiskBackend:
 
     @staticmethod
     def open(drive: DriveConfig) -> DiskBackend:
-        flags = (os.O_RDONLY if drive.read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            buffered_fd = os.open(drive.path, flags)
-        except OSError as exc:
-            raise BackendError(exc.errno, f"Could not open '{drive.path}': {exc.strerror}") \
-                from None
+        flags = os.O_RDONLY if drive.read_only else os.O_RDWR
+        buffered_fd = open_image(drive.path, flags)
         try:
             info = os.fstat(buffered_fd)
             size = info.st_size if not _is_block_device(info.st_mode) else \
@@ -79,11 +100,12 @@ class DiskBackend:
             fd = buffered_fd
             if drive.direct:
                 try:
-                    fd = os.open(drive.path, flags | os.O_DIRECT)
-                except OSError as exc:
+                    # The same file again (not a FIFO swapped in meanwhile: it is checked).
+                    fd = open_image(drive.path, flags | os.O_DIRECT)
+                except BackendError as exc:
                     if exc.errno != errno.EINVAL:
-                        raise BackendError(exc.errno, f"Could not open '{drive.path}' with "
-                                           f"O_DIRECT: {exc.strerror}") from None
+                        raise BackendError(exc.errno, f"{exc.strerror} (with O_DIRECT)") \
+                            from None
                     # tmpfs and some others have no O_DIRECT; the data still gets there.
                     log.warning("'%s' does not support O_DIRECT; using buffered I/O",
                                 drive.path)

@@ -1,0 +1,126 @@
+"""The disk slots and block nodes behind blockdev-add/-del and device_add/-del, without KVM."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import pytest
+
+from stratovirt_py.config import MAX_DISKS, DriveConfig
+from stratovirt_py.devices.virtio.block import DiskBackend
+from stratovirt_py.disks import DiskError, DiskSlots, Slot
+from stratovirt_py.qmp.registry import dispatch
+from tests.unit.test_qmp import FakeContext, FakeMachine
+
+
+class FakeBlockDevice:
+    """Stands in for VirtioBlock: holds a backend."""
+
+    def __init__(self) -> None:
+        self.backend: DiskBackend | None = None
+
+    def set_backend(self, backend: DiskBackend | None) -> DiskBackend | None:
+        previous, self.backend = self.backend, backend
+        return previous
+
+
+@pytest.fixture
+def slots() -> DiskSlots:
+    disks = DiskSlots([Slot(i, FakeBlockDevice(), lambda: None)  # type: ignore[arg-type]
+                       for i in range(MAX_DISKS)])
+    yield disks
+    disks.close()
+
+
+def image(tmp_path, name: str = "disk.img") -> str:
+    path = tmp_path / name
+    path.write_bytes(bytes(1 << 16))
+    return str(path)
+
+
+def test_a_node_used_by_a_device_of_another_name_cannot_be_added_again(slots, tmp_path):
+    slots.add_node(DriveConfig("node0", image(tmp_path)))
+    slots.attach(None, "dev0", "node0")
+    with pytest.raises(DiskError, match="Duplicate node name 'node0'"):
+        slots.add_node(DriveConfig("node0", image(tmp_path, "other.img")))
+    # A node may share a name with a device: QEMU keeps the two apart.
+    slots.add_node(DriveConfig("dev0", image(tmp_path, "third.img")))
+
+
+def test_device_ids_are_unique(slots, tmp_path):
+    slots.add_node(DriveConfig("a", image(tmp_path, "a.img")))
+    slots.add_node(DriveConfig("b", image(tmp_path, "b.img")))
+    slots.attach(None, "dev", "a")
+    with pytest.raises(DiskError, match="Duplicate device ID 'dev'"):
+        slots.attach(None, "dev", "b")
+
+
+def run_with_timeout(action, timeout: float = 5.0) -> Any:
+    """Runs `action` on a thread; fails the test if it has not returned in time."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(action())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "blocked"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_fifo_is_refused_at_once_instead_of_blocking(slots, tmp_path, read_only):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    error = run_with_timeout(lambda: slots.add_node(DriveConfig("f", str(fifo),
+                                                                read_only=read_only)))
+    assert isinstance(error, DiskError)
+    assert error.desc == f"Could not open '{fifo}': not a regular file or block device"
+    assert "f" not in slots.nodes
+
+
+def test_a_file_name_with_nul_is_a_clear_error(slots):
+    with pytest.raises(DiskError, match="invalid file name"):
+        slots.add_node(DriveConfig("n", "/tmp/a\0b"))
+
+
+def test_unplug_keeps_the_slot_reserved_until_it_is_finished(slots, tmp_path):
+    slots.add_node(DriveConfig("a", image(tmp_path, "a.img")))
+    slot = slots.attach(0, "a", "a")
+    started = slots.begin_detach("a")
+    assert started is slot
+    with pytest.raises(DiskError, match="already in the process of unplug"):
+        slots.begin_detach("a")
+    slots.add_node(DriveConfig("b", image(tmp_path, "b.img")))
+    with pytest.raises(DiskError, match="occupied by 'a'"):
+        slots.attach(0, "b", "b")
+    slots.empty(slot)
+    slots.finish_detach(slot)
+    assert slot.device_id is None and slot.device.backend is None
+    slots.attach(0, "b", "b")
+
+
+def qmp(machine, name: str, **arguments) -> dict:
+    return dispatch(machine, FakeContext(), {"execute": name, "arguments": arguments})
+
+
+@pytest.mark.parametrize(("lun", "desc"), [
+    (-1, "Invalid lun -1: luns 0 (vdb) to 4 (vdf) are the disk slots after vda"),
+    (5, "Invalid lun 5: luns 0 (vdb) to 4 (vdf) are the disk slots after vda"),
+])
+def test_lun_outside_the_slots_is_refused(slots, tmp_path, lun, desc):
+    machine = FakeMachine()
+    machine.disks = slots
+    assert qmp(machine, "blockdev-add", **{"node-name": "d", "file": {
+        "driver": "file", "filename": image(tmp_path)}}) == {"return": {}}
+    reply = qmp(machine, "device_add", id="d", driver="virtio-blk-mmio", lun=lun)
+    assert reply == {"error": {"class": "GenericError", "desc": desc}}
+    assert all(slot.device_id is None for slot in slots.slots)
+    assert qmp(machine, "device_add", id="d", driver="virtio-blk-mmio", lun=4) == {"return": {}}
+    assert slots.slots[5].device_id == "d"
