@@ -18,20 +18,24 @@ ECX_HYPERVISOR = 1 << 31
 EDX_HTT = 1 << 28
 LEVEL_SMT = 1
 LEVEL_CORE = 2
+FLAG_SIGNIFICANT_INDEX = 0x1  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 
 
-def _topology_leaf(entry: CpuidEntry, topology: CpuTopology, x2apic_id: int) -> CpuidEntry:
-    """Leaf 0xB/0x1F subleaf `entry.index`: SMT level, core level, then invalid."""
+def _topology_leaves(function: int, topology: CpuTopology, x2apic_id: int) -> list[CpuidEntry]:
+    """Leaf 0xB/0x1F: subleaf 0 the SMT level, 1 the core level, 2 the invalid end marker.
+
+    Built whole rather than edited from KVM's entries: KVM lists the host's
+    subleaves, which on some hosts stop after subleaf 0.
+    """
     threads_shift = thread_bits(topology)
-    if entry.index == 0:
-        eax, ebx, level = threads_shift, topology.threads, LEVEL_SMT
-    elif entry.index == 1:
-        eax = threads_shift + core_bits(topology)
-        ebx, level = topology.threads * topology.cores, LEVEL_CORE
-    else:
-        eax, ebx, level = 0, 0, 0
-    return dataclasses.replace(entry, eax=eax, ebx=ebx, ecx=(level << 8) | entry.index,
-                               edx=x2apic_id)
+    levels = [
+        (threads_shift, topology.threads, LEVEL_SMT),
+        (threads_shift + core_bits(topology), topology.threads * topology.cores, LEVEL_CORE),
+        (0, 0, 0),
+    ]
+    return [CpuidEntry(function, subleaf, FLAG_SIGNIFICANT_INDEX, eax, ebx,
+                       (level << 8) | subleaf, x2apic_id)
+            for subleaf, (eax, ebx, level) in enumerate(levels)]
 
 
 def vcpu_cpuid(supported: list[CpuidEntry], topology: CpuTopology, index: int) -> list[CpuidEntry]:
@@ -40,6 +44,10 @@ def vcpu_cpuid(supported: list[CpuidEntry], topology: CpuTopology, index: int) -
     logical_per_package = 1 << (thread_bits(topology) + core_bits(topology))
     result = []
     for entry in supported:
+        if entry.function in (LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2):
+            if entry.index == 0:
+                result += _topology_leaves(entry.function, topology, my_apic_id)
+            continue
         if entry.function == LEAF_FEATURES:
             ebx = (entry.ebx & 0x0000_FFFF) | (min(logical_per_package, 255) << 16) \
                 | (my_apic_id << 24)
@@ -52,8 +60,6 @@ def vcpu_cpuid(supported: list[CpuidEntry], topology: CpuTopology, index: int) -
             sharing = topology.threads - 1 if cache_level < 3 else logical_per_package - 1
             eax = (entry.eax & 0x3FFF) | (sharing << 14) | (cores_field << 26)
             entry = dataclasses.replace(entry, eax=eax)
-        elif entry.function in (LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2):
-            entry = _topology_leaf(entry, topology, my_apic_id)
         elif entry.function == LEAF_AMD_SIZE:
             ecx = (entry.ecx & ~0xF0FF) | (logical_per_package - 1) \
                 | ((thread_bits(topology) + core_bits(topology)) << 12)
