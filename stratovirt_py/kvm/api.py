@@ -56,6 +56,13 @@ class CpuidEntry:
     edx: int
 
 
+def host_cpuid(function: int, index: int = 0) -> CpuidEntry:
+    """CPUID leaf `function`, subleaf `index`, as the host CPU itself answers it."""
+    regs = ffi.new("uint32_t[4]")
+    lib.svpy_host_cpuid(function, index, regs)
+    return CpuidEntry(function, index, 0, regs[0], regs[1], regs[2], regs[3])
+
+
 class Kvm:
     """The KVM system handle."""
 

@@ -9,6 +9,7 @@
 #include "boot_abi.h"
 #include "bootinfo.h"
 #include "cmdline.h"
+#include "cpuinfo.h"
 #include "io.h"
 #include "mptable.h"
 #include "platform.h"
@@ -96,7 +97,7 @@ static void report_cpus(void)
             report("ioapic %u id=%u addr=0x%x", i, mp.ioapic[i].id, mp.ioapic[i].addr);
         report("mp-irq-entries=%u", mp.irq_entries);
     }
-    report("cpuid-apic-id=%u", cpuid(1, 0).ebx >> 24);
+    report_cpu_identity();
 }
 
 static void run_action(void)

@@ -20,6 +20,7 @@ from tests.helpers import MONITOR, monitor_env, run_monitor
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
 GiB = 1 << 30
+LAST_BRAND_LEAF = 0x8000_0004
 
 
 def facts(output: bytes) -> dict[str, str]:
@@ -79,6 +80,34 @@ def test_cpu_count_from_the_mp_table(svtest_guest, smp, cpus, apic_ids):
     assert int(info["cpus"]) == cpus
     assert info["apic-ids"] == apic_ids
     assert info["bsp-apic-id"] == "0" and info["cpuid-apic-id"] == "0"
+
+
+def host_cpuinfo() -> dict[str, str]:
+    """The first processor's fields in the host's /proc/cpuinfo, values as Linux prints them."""
+    fields = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value[1:]
+    return fields
+
+
+def test_guest_cpu_identity_is_the_hosts(svtest_guest):
+    """As under QEMU's -cpu host: vendor, family/model/stepping and the brand string."""
+    result = boot(svtest_guest)
+    info = facts(result.stdout)
+    host = host_cpuinfo()
+    assert info["cpuid-vendor"] == host["vendor_id"]
+    assert (int(info["cpuid-family"]), int(info["cpuid-model"]),
+            int(info["cpuid-stepping"])) == (
+        int(host["cpu family"]), int(host["model"]), int(host["stepping"]))
+    assert int(info["cpuid-max-ext-leaf"], 16) >= LAST_BRAND_LEAF
+    brand, = (line.removeprefix("svtest: cpuid-brand=").removesuffix("\r")
+              for line in result.stdout.decode().splitlines()
+              if line.startswith("svtest: cpuid-brand="))
+    # Linux drops leading spaces and trailing white space (get_model_name()).
+    assert brand.lstrip(" ").rstrip() == host["model name"]
 
 
 def test_triple_fault_ends_with_status_zero(svtest_guest):

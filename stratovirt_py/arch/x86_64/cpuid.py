@@ -1,17 +1,26 @@
-"""Per-vCPU CPUID: KVM's supported set with topology and APIC ids made consistent with -smp."""
+"""Per-vCPU CPUID: KVM's supported set with topology and APIC ids made consistent with -smp.
+
+KVM_GET_SUPPORTED_CPUID passes the host's vendor, family/model/stepping and
+maximum leaves through, but returns zeros for the brand string (leaves
+0x80000002..4): `with_host_brand` copies it from the host, as QEMU's `-cpu host`
+does, so the guest's model name is the host's.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from stratovirt_py.arch.x86_64.cpu_topology import apic_id, core_bits, thread_bits
 from stratovirt_py.config import CpuTopology
-from stratovirt_py.kvm.api import CpuidEntry
+from stratovirt_py.kvm.api import CpuidEntry, host_cpuid
 
 LEAF_FEATURES = 0x1
 LEAF_CACHE_PARAMS = 0x4
 LEAF_TOPOLOGY = 0xB
 LEAF_TOPOLOGY_V2 = 0x1F
+LEAF_EXT_MAX = 0x8000_0000
+BRAND_LEAVES = (0x8000_0002, 0x8000_0003, 0x8000_0004)
 LEAF_AMD_SIZE = 0x8000_0008
 LEAF_AMD_TOPOLOGY = 0x8000_001E
 ECX_HYPERVISOR = 1 << 31
@@ -19,6 +28,23 @@ EDX_HTT = 1 << 28
 LEVEL_SMT = 1
 LEVEL_CORE = 2
 FLAG_SIGNIFICANT_INDEX = 0x1  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+
+HostCpuid = Callable[[int, int], CpuidEntry]
+
+
+def with_host_brand(supported: list[CpuidEntry],
+                    read_host: HostCpuid = host_cpuid) -> list[CpuidEntry]:
+    """`supported` with the host's brand-string leaves (unchanged if the host has none)."""
+    if read_host(LEAF_EXT_MAX, 0).eax < BRAND_LEAVES[-1]:
+        return list(supported)
+    brand = {leaf: dataclasses.replace(read_host(leaf, 0), flags=0) for leaf in BRAND_LEAVES}
+    result = []
+    for entry in supported:
+        if entry.function == LEAF_EXT_MAX and entry.eax < BRAND_LEAVES[-1]:
+            entry = dataclasses.replace(entry, eax=BRAND_LEAVES[-1])
+        result.append(brand.pop(entry.function, entry))
+    # KVM lists every extended leaf up to its maximum; these only if it did not.
+    return result + list(brand.values())
 
 
 def _topology_leaves(function: int, topology: CpuTopology, x2apic_id: int) -> list[CpuidEntry]:
