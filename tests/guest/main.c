@@ -14,6 +14,7 @@
 #include "mptable.h"
 #include "platform.h"
 #include "printf.h"
+#include "smp.h"
 #include "string.h"
 
 struct action {
@@ -40,6 +41,7 @@ static const struct action actions[] = {
     { "blk-watch", action_blk_watch },
     { "blk-bench", action_blk_bench },
     { "hostile", action_hostile },
+    { "smp", action_smp },
 };
 
 #define DEFAULT_ACTION "reboot"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from stratovirt_py.arch.x86_64.cpu_topology import apic_ids
 from stratovirt_py.arch.x86_64.cpuid import BRAND_LEAVES, vcpu_cpuid, with_host_brand
+from stratovirt_py.arch.x86_64.mptable import ENTRY_PROCESSOR, build_mptable
 from stratovirt_py.config import CpuTopology
 from stratovirt_py.kvm.api import CpuidEntry
 
@@ -83,3 +85,17 @@ def test_topology_leaf_has_every_level_when_kvm_lists_only_subleaf_0():
         (1, 1, 2, 3, 0x201, 4),  # core level: 2 bits for 3 cores, 3 threads per package
         (2, 1, 0, 0, 0x002, 4),  # end of the levels
     ]
+
+
+def test_cpuid_apic_ids_are_the_mp_table_ones_for_non_power_of_two_topologies():
+    for topology in (CpuTopology.build(6, sockets=2, cores=3),
+                     CpuTopology.build(6, sockets=2, cores=1, threads=3),
+                     CpuTopology.build(2, max_cpus=6, sockets=2, cores=3)):
+        _pointer, table = build_mptable(apic_ids(topology), topology.cpus)
+        processors = table[44:44 + topology.max_cpus * ENTRY_PROCESSOR.size]
+        mp_ids = [entry[1] for entry in ENTRY_PROCESSOR.iter_unpack(processors)]
+        for index in range(topology.cpus):
+            leaves = {(e.function, e.index): e
+                      for e in vcpu_cpuid(kvm_supported(), topology, index)}
+            assert leaves[(1, 0)].ebx >> 24 == mp_ids[index]
+            assert leaves[(0xB, 1)].edx == mp_ids[index]

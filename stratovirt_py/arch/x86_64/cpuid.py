@@ -65,7 +65,7 @@ def _topology_leaves(function: int, topology: CpuTopology, x2apic_id: int) -> li
 
 
 def vcpu_cpuid(supported: list[CpuidEntry], topology: CpuTopology, index: int) -> list[CpuidEntry]:
-    """The CPUID table for vCPU `index`."""
+    """The CPUID table for vCPU `index` (whose KVM vCPU id is its APIC id)."""
     my_apic_id = apic_id(topology, index)
     logical_per_package = 1 << (thread_bits(topology) + core_bits(topology))
     result = []
