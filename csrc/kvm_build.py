@@ -213,6 +213,7 @@ void *svpy_map_guest_ram(size_t size, int dump_core, int *err);
 int svpy_unmap(void *addr, size_t size);
 int svpy_discard(void *addr, size_t size);
 int svpy_install_kick_handler(int signo);
+void svpy_host_cpuid(uint32_t function, uint32_t index, uint32_t regs[4]);
 """
 
 SOURCE_PRELUDE = """

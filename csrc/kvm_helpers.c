@@ -1,5 +1,6 @@
 #include "kvm_helpers.h"
 
+#include <cpuid.h>
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
@@ -67,4 +68,15 @@ int svpy_install_kick_handler(int signo)
     action.sa_handler = ignore_signal;
     sigemptyset(&action.sa_mask);
     return sigaction(signo, &action, NULL) < 0 ? -errno : 0;
+}
+
+void svpy_host_cpuid(uint32_t function, uint32_t index, uint32_t regs[4])
+{
+    unsigned int eax, ebx, ecx, edx;
+
+    __cpuid_count(function, index, eax, ebx, ecx, edx);
+    regs[0] = eax;
+    regs[1] = ebx;
+    regs[2] = ecx;
+    regs[3] = edx;
 }

@@ -22,4 +22,9 @@ int svpy_discard(void *addr, size_t size);
  * signal sent to a vCPU thread makes its blocking KVM_RUN return EINTR. */
 int svpy_install_kick_handler(int signo);
 
+/* Runs CPUID on the host CPU: regs = {EAX, EBX, ECX, EDX} of leaf `function`,
+ * subleaf `index`.  KVM_GET_SUPPORTED_CPUID zeroes some leaves that `-cpu host`
+ * copies from the host (the brand string). */
+void svpy_host_cpuid(uint32_t function, uint32_t index, uint32_t regs[4]);
+
 #endif

@@ -23,8 +23,8 @@ from stratovirt_py._dataplane import ffi as dataplane_ffi
 from stratovirt_py._dataplane import lib as dataplane_lib
 from stratovirt_py.arch.x86_64 import boot_params, layout
 from stratovirt_py.arch.x86_64.boot_params import build_zero_page
-from stratovirt_py.arch.x86_64.cpu_topology import apic_ids
-from stratovirt_py.arch.x86_64.cpuid import vcpu_cpuid
+from stratovirt_py.arch.x86_64.cpu_topology import apic_id, apic_ids
+from stratovirt_py.arch.x86_64.cpuid import vcpu_cpuid, with_host_brand
 from stratovirt_py.arch.x86_64.e820 import build_e820
 from stratovirt_py.arch.x86_64.host_quirks import host_cmdline_additions, host_is_pvm
 from stratovirt_py.arch.x86_64.loader import LoadedKernel, load_initrd, load_kernel
@@ -158,9 +158,11 @@ class MicroVM:
         self._build_legacy_devices()
         self._fastpath = self._build_fastpath()
         install_kick_handler()
-        supported_cpuid = self.kvm.supported_cpuid()
+        supported_cpuid = with_host_brand(self.kvm.supported_cpuid())
         for index in range(config.topology.cpus):
-            vcpu = vm.create_vcpu(index)
+            # KVM's vCPU id becomes the LAPIC id: it must be the APIC id of the MP table and
+            # CPUID (holes for non-power-of-two topologies).  Index 0 has id 0, KVM's BSP.
+            vcpu = vm.create_vcpu(apic_id(config.topology, index), index)
             vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, config.topology, index))
             self._setup_lapic(vcpu)
             if index == 0:

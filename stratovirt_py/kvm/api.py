@@ -56,6 +56,13 @@ class CpuidEntry:
     edx: int
 
 
+def host_cpuid(function: int, index: int = 0) -> CpuidEntry:
+    """CPUID leaf `function`, subleaf `index`, as the host CPU itself answers it."""
+    regs = ffi.new("uint32_t[4]")
+    lib.svpy_host_cpuid(function, index, regs)
+    return CpuidEntry(function, index, 0, regs[0], regs[1], regs[2], regs[3])
+
+
 class Kvm:
     """The KVM system handle."""
 
@@ -155,8 +162,14 @@ class Vm:
         })
         _ioctl(self.fd, "KVM_IRQFD", request)
 
-    def create_vcpu(self, index: int) -> Vcpu:
-        return Vcpu(self, index, _ioctl_int(self.fd, "KVM_CREATE_VCPU", index))
+    def create_vcpu(self, vcpu_id: int, index: int | None = None) -> Vcpu:
+        """A vCPU with KVM id `vcpu_id`, which on x86 is its initial (LAPIC) APIC id.
+
+        `index` is the monitor's own number for it (its place in -smp order, as
+        QMP shows it); it defaults to the id.
+        """
+        fd = _ioctl_int(self.fd, "KVM_CREATE_VCPU", vcpu_id)
+        return Vcpu(self, vcpu_id if index is None else index, vcpu_id, fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -167,9 +180,10 @@ class Vm:
 class Vcpu:
     """A KVM virtual CPU and its shared kvm_run page."""
 
-    def __init__(self, vm: Vm, index: int, fd: int) -> None:
+    def __init__(self, vm: Vm, index: int, vcpu_id: int, fd: int) -> None:
         self.vm = vm
         self.index = index
+        self.vcpu_id = vcpu_id
         self.fd = fd
         size = vm.kvm.vcpu_mmap_size()
         self._run_map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

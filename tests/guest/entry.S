@@ -11,6 +11,7 @@
  * guest_start(kind, boot_info_address), which never returns.
  */
 #include "boot_abi.h"
+#include "mode_switch.h"
 
         .section .text.entry, "ax"
 
@@ -48,12 +49,7 @@ pvh_start:
         movl    %ebx, %esi              /* hvm_start_info; kept in esi throughout */
 
         lgdt    gdt_descriptor
-        movl    $GDT_DATA, %eax
-        movl    %eax, %ds
-        movl    %eax, %es
-        movl    %eax, %ss
-        movl    %eax, %fs
-        movl    %eax, %gs
+        load_data_segments GDT_DATA
 
         /* Zero .bss (page tables and stack included): nothing is in use yet. */
         movl    $__bss_start, %edi
@@ -89,31 +85,14 @@ pvh_start:
         cmpl    $2048, %ecx
         jb      2b
 
-        /* PAE, CR3, EFER.LME, then paging: the CPU is in compatibility mode. */
-        movl    %cr4, %eax
-        orl     $CR4_PAE, %eax
-        movl    %eax, %cr4
-        movl    $pvh_pml4, %eax
-        movl    %eax, %cr3
-        movl    $MSR_EFER, %ecx
-        rdmsr
-        orl     $EFER_LME, %eax
-        wrmsr
-        movl    %cr0, %eax
-        orl     $(CR0_PG + CR0_PE), %eax
-        movl    %eax, %cr0
+        enable_long_mode $pvh_pml4
 
         ljmp    $GDT_CODE64, $pvh_start64
         .size pvh_start, . - pvh_start
 
         .code64
 pvh_start64:
-        movl    $GDT_DATA, %eax
-        movl    %eax, %ds
-        movl    %eax, %es
-        movl    %eax, %ss
-        movl    %eax, %fs
-        movl    %eax, %gs
+        load_data_segments GDT_DATA
         movq    $guest_stack_top, %rsp
         xorl    %ebp, %ebp
         movl    $BOOT_KIND_PVH, %edi

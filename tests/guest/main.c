@@ -9,10 +9,12 @@
 #include "boot_abi.h"
 #include "bootinfo.h"
 #include "cmdline.h"
+#include "cpuinfo.h"
 #include "io.h"
 #include "mptable.h"
 #include "platform.h"
 #include "printf.h"
+#include "smp.h"
 #include "string.h"
 
 struct action {
@@ -39,6 +41,7 @@ static const struct action actions[] = {
     { "blk-watch", action_blk_watch },
     { "blk-bench", action_blk_bench },
     { "hostile", action_hostile },
+    { "smp", action_smp },
 };
 
 #define DEFAULT_ACTION "reboot"
@@ -96,7 +99,7 @@ static void report_cpus(void)
             report("ioapic %u id=%u addr=0x%x", i, mp.ioapic[i].id, mp.ioapic[i].addr);
         report("mp-irq-entries=%u", mp.irq_entries);
     }
-    report("cpuid-apic-id=%u", cpuid(1, 0).ebx >> 24);
+    report_cpu_identity();
 }
 
 static void run_action(void)

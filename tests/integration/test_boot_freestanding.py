@@ -20,6 +20,7 @@ from tests.helpers import MONITOR, monitor_env, run_monitor
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
 GiB = 1 << 30
+LAST_BRAND_LEAF = 0x8000_0004
 
 
 def facts(output: bytes) -> dict[str, str]:
@@ -79,6 +80,75 @@ def test_cpu_count_from_the_mp_table(svtest_guest, smp, cpus, apic_ids):
     assert int(info["cpus"]) == cpus
     assert info["apic-ids"] == apic_ids
     assert info["bsp-apic-id"] == "0" and info["cpuid-apic-id"] == "0"
+
+
+def ids_line(output: bytes, prefix: str) -> list[dict[str, int | None]]:
+    """The `svtest: <prefix> lapic-id=.. cpuid-apic-id=.. x2apic-id=..` lines, parsed."""
+    result = []
+    for line in output.decode(errors="replace").splitlines():
+        if line.startswith(f"svtest: {prefix} "):
+            pairs = dict(word.split("=", 1) for word in line.split()[2:])
+            result.append({key: None if value == "none" else int(value)
+                           for key, value in pairs.items()})
+    return result
+
+
+@pytest.mark.parametrize(("smp", "apic_ids"), [
+    ("6,sockets=2,cores=3", [0, 1, 2, 4, 5, 6]),
+    ("6,sockets=2,cores=1,threads=3", [0, 1, 2, 4, 5, 6]),
+    ("4", [0, 1, 2, 3]),
+    ("3,sockets=1,cores=3", [0, 1, 2]),
+    ("8,sockets=2,cores=2,threads=2", [0, 1, 2, 3, 4, 5, 6, 7]),
+    ("2,maxcpus=6,sockets=2,cores=3", [0, 1]),
+    ("1", [0]),
+])
+def test_every_ap_starts_and_reports_its_mp_table_apic_id(svtest_guest, smp, apic_ids):
+    """The guest starts each AP of the MP table by APIC id (INIT-SIPI-SIPI): each one
+    answers with that id in its LAPIC ID register, CPUID leaf 1 and leaf 0xB."""
+    result = boot(svtest_guest, "-smp", smp, action="smp")
+    info = facts(result.stdout)
+    assert result.returncode == 0, result.stderr.decode()
+    assert [int(i) for i in info["apic-ids"].split(",")] == apic_ids
+    has_leaf_0xb = int(info["cpuid-max-leaf"], 16) >= 0xB
+    bsp, = ids_line(result.stdout, "smp-bsp")
+    aps = ids_line(result.stdout, "smp-ap")
+    for cpu in [bsp, *aps]:
+        assert cpu["lapic-id"] == cpu["cpuid-apic-id"], cpu
+        assert cpu["x2apic-id"] == (cpu["lapic-id"] if has_leaf_0xb else None), cpu
+    assert bsp["lapic-id"] == 0
+    assert sorted(ap["lapic-id"] for ap in aps) == apic_ids[1:]
+    assert (info["smp missing"], info["smp unexpected"], info["smp mismatched"]) == (
+        "none", "none", "none")
+    assert info["smp result"] == "ok"
+    assert b"svtest: done" in result.stdout
+
+
+def host_cpuinfo() -> dict[str, str]:
+    """The first processor's fields in the host's /proc/cpuinfo, values as Linux prints them."""
+    fields = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value[1:]
+    return fields
+
+
+def test_guest_cpu_identity_is_the_hosts(svtest_guest):
+    """As under QEMU's -cpu host: vendor, family/model/stepping and the brand string."""
+    result = boot(svtest_guest)
+    info = facts(result.stdout)
+    host = host_cpuinfo()
+    assert info["cpuid-vendor"] == host["vendor_id"]
+    assert (int(info["cpuid-family"]), int(info["cpuid-model"]),
+            int(info["cpuid-stepping"])) == (
+        int(host["cpu family"]), int(host["model"]), int(host["stepping"]))
+    assert int(info["cpuid-max-ext-leaf"], 16) >= LAST_BRAND_LEAF
+    brand, = (line.removeprefix("svtest: cpuid-brand=").removesuffix("\r")
+              for line in result.stdout.decode().splitlines()
+              if line.startswith("svtest: cpuid-brand="))
+    # Linux drops leading spaces and trailing white space (get_model_name()).
+    assert brand.lstrip(" ").rstrip() == host["model name"]
 
 
 def test_triple_fault_ends_with_status_zero(svtest_guest):
