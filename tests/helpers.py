@@ -92,3 +92,14 @@ class Qmp:
         while "event" in (message := self.read()):
             self.events.append(message)
         return message
+
+
+def host_cpuinfo() -> dict[str, str]:
+    """The first processor's fields in the host's /proc/cpuinfo, values as Linux prints them."""
+    fields = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value[1:]
+    return fields

@@ -15,7 +15,7 @@ import pytest
 from stratovirt_py.arch.x86_64.e820 import build_e820
 from stratovirt_py.arch.x86_64.host_quirks import host_is_pvm
 from stratovirt_py.memory import ram_layout
-from tests.helpers import MONITOR, monitor_env, run_monitor
+from tests.helpers import MONITOR, host_cpuinfo, monitor_env, run_monitor
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -121,17 +121,6 @@ def test_every_ap_starts_and_reports_its_mp_table_apic_id(svtest_guest, smp, api
         "none", "none", "none")
     assert info["smp result"] == "ok"
     assert b"svtest: done" in result.stdout
-
-
-def host_cpuinfo() -> dict[str, str]:
-    """The first processor's fields in the host's /proc/cpuinfo, values as Linux prints them."""
-    fields = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if not line.strip():
-            break
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value[1:]
-    return fields
 
 
 def test_guest_cpu_identity_is_the_hosts(svtest_guest):

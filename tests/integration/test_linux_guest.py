@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ARTIFACTS
-from tests.helpers import MONITOR, REPO, monitor_env
+from tests.helpers import MONITOR, REPO, host_cpuinfo, monitor_env
 
 pytestmark = pytest.mark.linux
 
@@ -168,6 +168,12 @@ def test_virtio_blk_probes_every_slot(linux):
         assert re.search(rf"\[vd{name}\] 0 512-byte logical blocks", text)
     assert linux.shell("cat /sys/block/vda/size").strip() == str(capacity)
     assert linux.shell("cat /sys/block/vda/serial").strip() == "DATA-DISK"
+
+
+def test_cpu_model_name_is_the_hosts(linux):
+    """StratoVirt's users check the guest's model name against the host's (-cpu host)."""
+    guest = linux.shell("grep -m1 'model name' /proc/cpuinfo")
+    assert guest.strip().split(":", 1)[1].strip() == host_cpuinfo()["model name"].strip()
 
 
 def test_query_cpus_gives_real_vcpu_threads(linux):
