@@ -21,7 +21,6 @@ from typing import Any
 from stratovirt_py.devices.chardev import create_unix_listener, remove_socket_file
 from stratovirt_py.qmp.protocol import (
     JsonStreamSplitter,
-    MessageTooLarge,
     ParseFailure,
     QmpError,
     decode_message,
@@ -106,13 +105,7 @@ class Connection:
             else:
                 self.close()
             return
-        try:
-            values = self.splitter.feed(data)
-        except MessageTooLarge as exc:
-            self.send(error_message(QmpError(str(exc))))
-            self.close()
-            return
-        for value in values:
+        for value in self.splitter.feed(data):
             if self.closed:
                 return
             self.handle(value)
