@@ -17,7 +17,9 @@ from stratovirt_py.qmp.protocol import (
     encode,
 )
 from tests.unit.test_qmp import (
+    FakeMachine,
     harness_fixture,  # noqa: F401 (the `harness` fixture)
+    run,
     split_all,
 )
 
@@ -113,6 +115,18 @@ def test_splitter_numbers_values_in_stream_order():
     assert splitter.current_value is None and splitter.values_started == 3
 
 
+def test_missing_arguments_are_reported_before_unexpected_ones():
+    machine = FakeMachine()
+    assert run(machine, {"execute": "getfd", "arguments": {"bogus": 1}})["error"]["desc"] == (
+        "Parameter 'fdname' is missing")
+    reply = run(machine, {"execute": "blockdev-add", "arguments": {
+        "bogus": 1, "node-name": "n", "file": {"extra": 1, "filename": "x"}}})
+    assert reply["error"]["desc"] == "Parameter 'file.driver' is missing"
+    reply = run(machine, {"execute": "blockdev-add", "arguments": {
+        "bogus": 1, "node-name": "n", "file": {"extra": 1, "filename": "x", "driver": "file"}}})
+    assert reply["error"]["desc"] == "Parameter 'file.extra' is unexpected"
+
+
 def nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
@@ -137,6 +151,12 @@ def test_deep_id_is_parsed_and_echoed(harness):
                                                 "desc": "JSON nesting depth limit exceeded"}}
     client.send(b'{"execute":"nope","id":' + deep_id + b"}")
     assert b"CommandNotFound" in client.line()
+
+
+def test_deep_capability_list_is_a_type_error():
+    reply = run(FakeMachine(), {"execute": "qmp_capabilities",
+                                "arguments": {"enable": ["oob", decode_message(nested(1020))]}})
+    assert reply["error"]["desc"] == "Invalid parameter type for 'enable[1]', expected: string"
 
 
 def test_oversized_message_gets_an_error_and_the_connection_recovers(harness):
