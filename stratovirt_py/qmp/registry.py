@@ -2,11 +2,13 @@
 
 Handlers register with @command(name, schema); dispatch() checks the request
 envelope and the arguments (before anything runs, so a bad request has no side
-effect) and turns QmpError into QEMU's error reply.
+effect) and turns QmpError into QEMU's error reply.  Whatever else goes wrong
+inside a handler becomes a GenericError too: every request gets one reply.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,6 +18,8 @@ from stratovirt_py.disks import DiskSlots
 from stratovirt_py.machine import ExitRequest, RunState
 from stratovirt_py.qmp.protocol import QmpError, error_message, return_message
 from stratovirt_py.qmp.schema import Schema, check_arguments
+
+log = logging.getLogger(__name__)
 
 # The spec's greeting (StratoVirt v0.x reported QEMU 4.0.1 with an empty package).
 QEMU_VERSION = {"qemu": {"micro": 1, "minor": 0, "major": 4}, "package": ""}
@@ -74,8 +78,10 @@ def command(name: str, schema: Schema | None = None) -> Callable[[Handler], Hand
 
 ENVELOPE_KEYS = {"execute", "arguments", "id"}
 
+Reply = dict[str, Any]
 
-def dispatch(machine: ManagedMachine, context: CommandContext, request: Any) -> dict[str, Any]:
+
+def dispatch(machine: ManagedMachine, context: CommandContext, request: Any) -> Reply:
     """Runs one decoded request and returns the reply message."""
     if not isinstance(request, dict):
         return error_message(QmpError("QMP input must be a JSON object"))
@@ -91,7 +97,17 @@ def dispatch(machine: ManagedMachine, context: CommandContext, request: Any) -> 
         result = entry.handler(machine, context, arguments)
     except QmpError as exc:
         return error_message(exc, request_id, has_id)
+    except Exception as exc:
+        return _unexpected_failure(request.get("execute"), exc, request_id, has_id)
     return return_message({} if result is None else result, request_id, has_id)
+
+
+def _unexpected_failure(name: Any, exc: Exception, request_id: Any, has_id: bool) -> Reply:
+    """A bug or an unforeseen condition in a command: logged, and still answered."""
+    log.exception("QMP command %r failed unexpectedly", name)
+    desc = f"{name} failed: {type(exc).__name__}: {exc}" if str(exc) else \
+        f"{name} failed: {type(exc).__name__}"
+    return error_message(QmpError(desc), request_id, has_id)
 
 
 def _check_envelope(request: dict[str, Any]) -> str:

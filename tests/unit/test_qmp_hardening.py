@@ -4,6 +4,7 @@ fd ownership, events written with their reply, QEMU's limits and check order."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from stratovirt_py.qmp.protocol import (
     decode_message,
     encode,
 )
+from stratovirt_py.qmp.registry import COMMANDS, command
 from tests.unit.test_qmp import (
     FakeMachine,
     harness_fixture,  # noqa: F401 (the `harness` fixture)
@@ -35,6 +37,15 @@ def strict_message(client) -> dict:
     message = strict_loads(client.line())
     assert isinstance(message, dict)
     return message
+
+
+@pytest.fixture
+def register(monkeypatch):
+    """Registers a command for one test only."""
+    def add(name: str, handler, schema=None) -> None:
+        monkeypatch.setitem(COMMANDS, name, None)  # undone at teardown: the name goes away
+        command(name, schema)(handler)
+    return add
 
 
 def greeted(harness):
@@ -113,6 +124,34 @@ def test_splitter_numbers_values_in_stream_order():
     assert splitter.current_value == 2
     assert splitter.feed(b'"} ') == []
     assert splitter.current_value is None and splitter.values_started == 3
+
+
+def test_unexpected_exception_becomes_generic_error(harness, register, caplog):
+    def broken(machine, context, args):
+        raise RuntimeError("boom")
+    register("test-broken", broken)
+    client = greeted(harness)
+    with caplog.at_level(logging.ERROR, logger="stratovirt_py.qmp"):
+        client.send(b'{"execute":"test-broken","id":1}{"execute":"query-status","id":2}'
+                    b'{"execute":"test-broken","id":3}{"execute":"query-status","id":4}')
+        replies = [strict_message(client) for _ in range(4)]
+    assert replies[0] == {"error": {"class": "GenericError",
+                                    "desc": "test-broken failed: RuntimeError: boom"}, "id": 1}
+    assert replies[2]["id"] == 3 and replies[2]["error"]["class"] == "GenericError"
+    assert [r["id"] for r in replies] == [1, 2, 3, 4]
+    assert "return" in replies[1] and "return" in replies[3]
+    logged = [r for r in caplog.records if "test-broken" in r.getMessage()]
+    assert logged and logged[0].exc_info and "RuntimeError: boom" in caplog.text
+
+
+def test_unexpected_exception_in_dispatch_keeps_the_id(register):
+    def broken(machine, context, args):
+        raise ValueError("embedded null byte")
+    register("test-broken", broken)
+    assert run(FakeMachine(), {"execute": "test-broken", "id": [1]}) == {
+        "error": {"class": "GenericError",
+                  "desc": "test-broken failed: ValueError: embedded null byte"},
+        "id": [1]}
 
 
 def test_missing_arguments_are_reported_before_unexpected_ones():
