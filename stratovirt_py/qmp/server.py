@@ -13,6 +13,10 @@ events are held back for that write, in the spec's order: STOP, RESUME and
 DEVICE_DELETED before the return, SHUTDOWN, RESET and POWERDOWN (which QEMU
 sends once the request has been carried out) after it.  Other connections get
 events at once.
+
+A synchronous command is a plain call on the loop.  An async one runs as a
+task; its connection stops reading until the reply is written, and keeps the
+requests it has already read queued, so replies stay in order.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import logging
 import os
 import socket
 import time
+from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
 from stratovirt_py.devices.chardev import create_unix_listener, remove_socket_file
@@ -82,6 +88,8 @@ class Connection:
         self._command_running = False
         self._held_events = bytearray()  # written before the reply
         self._held_after_reply = bytearray()
+        self._async_reply: asyncio.Task[Reply] | None = None
+        self._backlog: deque[bytes | ParseFailure] = deque()
 
     # CommandContext for getfd/closefd: only the fds that came with this command.
     def take_received_fd(self) -> int | None:
@@ -218,10 +226,14 @@ class Connection:
         return received
 
     def _handle_values(self, values: list[bytes | ParseFailure]) -> None:
-        for value in values:
+        for index, value in enumerate(values):
             if self.closed:
                 return
             self._handle(value)
+            if self._async_reply is not None:
+                self._backlog.extend(values[index + 1:])
+                self._stop_reading()
+                return
 
     def _handle(self, value: bytes | ParseFailure) -> None:
         """Answers one value from the stream, exactly once."""
@@ -244,13 +256,40 @@ class Connection:
         self.events_enabled = True
         self._command_fds = fds
         self._command_running = True
-        self._finish_command(dispatch(self.server.machine, self, request))
+        reply = dispatch(self.server.machine, self, request)
+        if isinstance(reply, dict):
+            self._finish_command(reply)
+        else:
+            self._start_async(reply)
+
+    def _start_async(self, reply: Coroutine[Any, Any, Reply]) -> None:
+        task = self.server.loop.create_task(reply)
+        self._async_reply = task
+        self.server.tasks.add(task)
+        task.add_done_callback(self._on_async_reply)
+
+    def _on_async_reply(self, task: asyncio.Task[Reply]) -> None:
+        self.server.tasks.discard(task)
+        self._async_reply = None
+        if task.cancelled():  # the monitor is shutting down
+            self._command_running = False
+            _close_fds(self._command_fds)
+            return
+        self._finish_command(task.result())
+        while self._backlog and self._async_reply is None and not self.closed:
+            self._handle(self._backlog.popleft())
+        if self._async_reply is None:
+            self.start_reading()
+        self.flush()
 
     def _finish_command(self, reply: Reply) -> None:
         """Writes the events held during the command and its reply, in one piece."""
         _close_fds(self._command_fds)  # those the command did not take
         self._command_running = False
         if self.closed:
+            # The client went away meanwhile; the command completed, its reply is dropped.
+            _close_fds(list(self.named_fds.values()))
+            self.named_fds.clear()
             return
         try:
             encoded = encode(reply)
@@ -291,6 +330,7 @@ class Connection:
         self._fds_by_value.clear()
         _close_fds(list(self.named_fds.values()))
         self.named_fds.clear()
+        self._backlog.clear()
         self._held_events.clear()
         self._held_after_reply.clear()
         self.server.connections.discard(self)
@@ -306,6 +346,7 @@ class QmpServer:
         self.paths: list[str] = []
         self.listeners: list[socket.socket] = []
         self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task[Reply]] = set()  # async commands under way
         try:
             for path in paths:
                 self.listeners.append(create_unix_listener(path, "QMP socket"))
@@ -344,7 +385,8 @@ class QmpServer:
                 connection.deliver_event(name, encoded)
 
     def close(self) -> None:
-        """Flushes pending output (briefly), closes clients and removes the socket files."""
+        """Ends async commands, flushes pending output (briefly), closes clients and sockets."""
+        self._end_async_commands()
         deadline = time.monotonic() + FLUSH_AT_EXIT_SECONDS
         for connection in list(self.connections):
             connection.close_at_exit(deadline)
@@ -356,3 +398,12 @@ class QmpServer:
             remove_socket_file(path)
         self.listeners.clear()
         self.paths.clear()
+
+    def _end_async_commands(self) -> None:
+        """Cancels commands still waiting, so that none can hold up the monitor's exit."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks and not self.loop.is_running() and not self.loop.is_closed():
+            # Let them unwind (their finally blocks run) for a bounded time.
+            self.loop.run_until_complete(asyncio.wait(tasks, timeout=FLUSH_AT_EXIT_SECONDS))
