@@ -354,9 +354,9 @@ class MicroVM:
     def powerdown(self) -> None:
         """QMP system_powerdown: a microvm has no ACPI, so the monitor powers the guest off.
 
-        POWERDOWN follows the command's return, as in QEMU, then SHUTDOWN.
+        QMP writes POWERDOWN after the command's return, as QEMU does; SHUTDOWN follows.
         """
-        self._loop.call_soon(self.emit_event, "POWERDOWN", {})
+        self.emit_event("POWERDOWN", {})
         self.request_exit(ExitRequest(0, True, "guest-shutdown",
                                       "system_powerdown requested over QMP"))
 

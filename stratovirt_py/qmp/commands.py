@@ -25,7 +25,7 @@ CPU_TYPE = "host-x86-cpu"
 
 # Negotiation and introspection.
 
-@command("qmp_capabilities", {"enable": Arg("array", required=False)})
+@command("qmp_capabilities", {"enable": Arg("array", required=False, items="str")})
 def qmp_capabilities(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
     # Optional here (the spec types commands straight after the greeting) and
     # harmless to repeat; no capability is offered, so none can be enabled.

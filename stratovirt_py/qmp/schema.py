@@ -25,6 +25,7 @@ class Arg:
     type: ArgType
     required: bool = True
     choices: tuple[str, ...] | None = None
+    items: str | None = None  # for an "array": the type of each element
 
 
 def opt(type_: ArgType, choices: tuple[str, ...] | None = None) -> Arg:
@@ -50,10 +51,12 @@ def _matches(value: Any, type_name: str) -> bool:
 
 
 def check_arguments(arguments: dict[str, Any], schema: Schema, prefix: str = "") -> None:
-    """Raises QmpError (GenericError) on the first problem, in QEMU's words."""
-    for name in arguments:
-        if name not in schema:
-            raise QmpError(f"Parameter '{prefix}{name}' is unexpected")
+    """Raises QmpError (GenericError) on the first problem, in QEMU's words and order.
+
+    QEMU's input visitor walks the schema's members in order (a nested object
+    completely, its own unexpected members included) and only then reports
+    members the schema does not know.
+    """
     for name, arg in schema.items():
         path = f"{prefix}{name}"
         if name not in arguments:
@@ -71,5 +74,13 @@ def check_arguments(arguments: dict[str, Any], schema: Schema, prefix: str = "")
                            f"expected: {_TYPE_NAMES.get(arg.type, arg.type)}")
         if arg.type == "uint" and value < 0:
             raise QmpError(f"Parameter '{path}' expects uint64")
+        if arg.items is not None:
+            for index, item in enumerate(value):
+                if not _matches(item, arg.items):
+                    raise QmpError(f"Invalid parameter type for '{path}[{index}]', "
+                                   f"expected: {_TYPE_NAMES.get(arg.items, arg.items)}")
         if arg.choices is not None and value not in arg.choices:
             raise QmpError(f"Parameter '{path}' does not accept value '{value}'")
+    for name in arguments:
+        if name not in schema:
+            raise QmpError(f"Parameter '{prefix}{name}' is unexpected")

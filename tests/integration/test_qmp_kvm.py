@@ -299,3 +299,44 @@ def test_sigterm_sends_shutdown_and_removes_the_socket(vm_factory):
     assert b'"reason":"host-signal"' in data
     assert vm.wait() == 0
     assert not vm.socket_path.exists()
+
+
+def test_a_command_and_its_events_come_in_one_read(vm_factory):
+    """StratoVirt's hydropper client reads once per command and wants the return in that read."""
+    vm = vm_factory()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(vm.socket_path))
+        assert sock.recv(1024).startswith(b'{"QMP"')
+        sock.sendall(b'{"execute":"qmp_capabilities"}')
+        assert sock.recv(1024) == b'{"return":{}}\r\n'
+        without_return = 0
+        for _ in range(100):
+            for name, event in ((b"stop", b"STOP"), (b"cont", b"RESUME")):
+                sock.sendall(b'{"execute":"%s"}' % name)
+                data = sock.recv(1024)
+                if b'"return"' not in data:
+                    without_return += 1
+                while not data.endswith(b'{"return":{}}\r\n'):
+                    chunk = sock.recv(1024)
+                    assert chunk, data
+                    data += chunk
+                lines = data.split(b"\r\n")
+                assert len(lines) == 3 and json.loads(lines[0])["event"] == event.decode()
+        assert without_return == 0, f"{without_return} of 200 first reads had no return"
+    command(vm.socket_path, {"execute": "quit"})
+    assert vm.wait() == 0
+
+
+def test_unexpected_failure_is_answered_and_later_commands_too(vm_factory):
+    vm = vm_factory()
+    messages = command(
+        vm.socket_path,
+        {"execute": "blockdev-add", "id": 1, "arguments": {
+            "node-name": "nul", "file": {"driver": "file", "filename": "disk\u0000.img"}}},
+        {"execute": "query-status", "id": 2})
+    assert messages[0]["id"] == 1 and messages[0]["error"]["class"] == "GenericError"
+    assert messages[1] == {"return": {"running": True, "singlestep": False,
+                                      "status": "running"}, "id": 2}
+    command(vm.socket_path, {"execute": "quit"})
+    assert vm.wait() == 0
