@@ -8,12 +8,13 @@ Node names are unique among registered nodes and the nodes devices use;
 device ids are unique among devices.
 
 Emptying a slot waits for the guest's requests in flight and syncs the image:
-that part (`empty`) may run on a worker thread, between `begin_detach` and
+`detach` does that on a worker thread, between `begin_detach` and
 `finish_detach` on the event loop, while the slot stays reserved.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -155,6 +156,14 @@ class DiskSlots:
         log.info("disk '%s' (%s, %d sectors%s) is now %s", device_id, drive.path,
                  backend.sectors, ", read-only" if drive.read_only else "", slot.guest_name)
         return slot
+
+    async def detach(self, device_id: str) -> None:
+        """device_del: empties the slot without blocking the event loop."""
+        slot = self.begin_detach(device_id)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.empty, slot)
+        finally:
+            self.finish_detach(slot)
 
     def begin_detach(self, device_id: str) -> Slot:
         """device_del, first step: the slot stays reserved (id and place) until finished."""

@@ -300,11 +300,7 @@ class MicroVM:
         """
         if self.disks is None:
             raise DiskError(f"Device '{device_id}' not found", "DeviceNotFound")
-        slot = self.disks.begin_detach(device_id)
-        try:
-            await self._loop.run_in_executor(None, self.disks.empty, slot)
-        finally:
-            self.disks.finish_detach(slot)
+        await self.disks.detach(device_id)
         self.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})
 
     def vcpu_thread_ids(self) -> list[int | None]:

@@ -128,13 +128,10 @@ def device_add(machine: ManagedMachine, context: CommandContext, args: dict) -> 
 
 
 @command("device_del", {"id": Arg("str")})
-def device_del(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
-    device_id = args["id"]
-    disks = _disks(machine)
-    slot = _run(lambda: disks.begin_detach(device_id))
+async def device_del(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
+    # The machine empties the slot off the event loop and emits DEVICE_DELETED
+    # before this returns: the removal is complete before the return.
     try:
-        disks.empty(slot)
-    finally:
-        disks.finish_detach(slot)
-    # The slot is empty already: the removal is complete before the return.
-    machine.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})
+        await machine.device_del(args["id"])
+    except DiskError as exc:
+        raise QmpError(exc.desc, exc.error_class) from None

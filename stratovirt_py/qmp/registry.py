@@ -55,6 +55,9 @@ class ManagedMachine(Protocol):
 
     def powerdown(self) -> None: ...
 
+    async def device_del(self, device_id: str) -> None:
+        """Raises DiskError; emits DEVICE_DELETED before it returns."""
+
     def emit_event(self, name: str, data: dict[str, Any]) -> None: ...
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from typing import Any
@@ -12,16 +13,20 @@ from stratovirt_py.config import MAX_DISKS, DriveConfig
 from stratovirt_py.devices.virtio.block import DiskBackend
 from stratovirt_py.disks import DiskError, DiskSlots, Slot
 from stratovirt_py.qmp.registry import dispatch
-from tests.unit.test_qmp import FakeContext, FakeMachine
+from tests.unit.test_qmp import FakeContext, FakeMachine, ServerHarness
 
 
 class FakeBlockDevice:
-    """Stands in for VirtioBlock: holds a backend."""
+    """Stands in for VirtioBlock: holds a backend; `gate` makes set_backend wait, as the
+    real one waits for the guest's requests in flight."""
 
     def __init__(self) -> None:
         self.backend: DiskBackend | None = None
+        self.gate: threading.Event | None = None
 
     def set_backend(self, backend: DiskBackend | None) -> DiskBackend | None:
+        if self.gate is not None:
+            assert self.gate.wait(10)
         previous, self.backend = self.backend, backend
         return previous
 
@@ -124,3 +129,44 @@ def test_lun_outside_the_slots_is_refused(slots, tmp_path, lun, desc):
     assert all(slot.device_id is None for slot in slots.slots)
     assert qmp(machine, "device_add", id="d", driver="virtio-blk-mmio", lun=4) == {"return": {}}
     assert slots.slots[5].device_id == "d"
+
+
+class DiskMachine(FakeMachine):
+    """The fake machine with real disk slots; device_del as MicroVM does it."""
+
+    def __init__(self, disks: DiskSlots) -> None:
+        super().__init__()
+        self.disks = disks
+
+    async def device_del(self, device_id: str) -> None:
+        await self.disks.detach(device_id)
+        self.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})
+
+
+def test_device_del_waits_off_the_event_loop(slots, tmp_path):
+    """Draining and syncing a disk used to run on the loop: no other client was answered."""
+    machine = DiskMachine(slots)
+    slots.add_node(DriveConfig("d", image(tmp_path)))
+    slot = slots.attach(0, "d", "d")
+    slots.add_node(DriveConfig("x", image(tmp_path, "x.img")))
+    gate = slot.device.gate = threading.Event()
+    harness = ServerHarness(str(tmp_path / "qmp.sock"), machine)
+    try:
+        remover, other = harness.connect(), harness.connect()
+        remover.line(), other.line()
+        remover.send(b'{"execute":"device_del","arguments":{"id":"d"},"id":1}')
+        other.send(b'{"execute":"query-status","id":2}')
+        assert other.message() == {"return": {"running": True, "singlestep": False,
+                                              "status": "running"}, "id": 2}
+        assert remover.nothing_pending(0.1)
+        other.send(b'{"execute":"device_add","arguments":{"id":"x","driver":"virtio-blk-mmio",'
+                   b'"addr":"0x0"},"id":3}')
+        assert other.message()["error"]["desc"] == "The slot 0x0 (vda) is occupied by 'd'"
+        gate.set()
+        lines = [json.loads(line) for line in remover.sock.recv(1024).split(b"\r\n")[:-1]]
+        assert [line.get("event") for line in lines] == ["DEVICE_DELETED", None]
+        assert lines[1] == {"return": {}, "id": 1}
+        assert slot.device_id is None and slot.device.backend is None
+    finally:
+        gate.set()
+        harness.close()
