@@ -87,11 +87,17 @@ def blockdev_del(machine: ManagedMachine, context: CommandContext, args: dict) -
 def _slot_from(args: dict[str, Any], device_id: str) -> int | None:
     if "addr" in args:
         addr = args["addr"]
+        if isinstance(addr, int) and not isinstance(addr, bool):
+            return addr
+        if not isinstance(addr, str):
+            raise QmpError("Invalid parameter type for 'addr', expected: string")
+        # Short: a slot number never needs more, and int() of a huge string is slow.
         try:
-            return addr if isinstance(addr, int) and not isinstance(addr, bool) \
-                else int(str(addr), 0)
+            if len(addr) <= 16:
+                return int(addr, 0)
         except ValueError:
-            raise QmpError(f"Invalid addr '{addr}' for device '{device_id}'") from None
+            pass
+        raise QmpError(f"Invalid addr '{addr[:32]}' for device '{device_id}'")
     if "lun" in args:
         lun = args["lun"]
         if not isinstance(lun, int) or isinstance(lun, bool):

@@ -170,3 +170,19 @@ def test_device_del_waits_off_the_event_loop(slots, tmp_path):
     finally:
         gate.set()
         harness.close()
+
+
+@pytest.mark.parametrize(("addr", "desc"), [
+    ([[[[1]]]], "Invalid parameter type for 'addr', expected: string"),
+    ({"a": 1}, "Invalid parameter type for 'addr', expected: string"),
+    ("zero", "Invalid addr 'zero' for device 'd'"),
+    ("9" * 5000, "Invalid addr '" + "9" * 32 + "' for device 'd'"),
+    ("-0x1", "Invalid addr -0x1: the disk slots are 0x0 (vda) to 0x5 (vdf)"),
+])
+def test_bad_addr_is_a_clear_error(slots, tmp_path, addr, desc):
+    machine = FakeMachine()
+    machine.disks = slots
+    qmp(machine, "blockdev-add", **{"node-name": "d", "file": {
+        "driver": "file", "filename": image(tmp_path)}})
+    reply = qmp(machine, "device_add", id="d", driver="virtio-blk-mmio", addr=addr)
+    assert reply == {"error": {"class": "GenericError", "desc": desc}}
