@@ -26,7 +26,11 @@ from stratovirt_py.arch.x86_64.boot_params import build_zero_page
 from stratovirt_py.arch.x86_64.cpu_topology import apic_id, apic_ids
 from stratovirt_py.arch.x86_64.cpuid import vcpu_cpuid, with_host_brand
 from stratovirt_py.arch.x86_64.e820 import build_e820
-from stratovirt_py.arch.x86_64.host_quirks import host_cmdline_additions, host_is_pvm
+from stratovirt_py.arch.x86_64.host_quirks import (
+    host_cmdline_additions,
+    host_cpuid_adjustments,
+    host_is_pvm,
+)
 from stratovirt_py.arch.x86_64.loader import LoadedKernel, load_initrd, load_kernel
 from stratovirt_py.arch.x86_64.mptable import (
     CONFIG_TABLE_ADDR,
@@ -158,7 +162,8 @@ class MicroVM:
         self._build_legacy_devices()
         self._fastpath = self._build_fastpath()
         install_kick_handler()
-        supported_cpuid = with_host_brand(self.kvm.supported_cpuid())
+        supported_cpuid = host_cpuid_adjustments(with_host_brand(self.kvm.supported_cpuid()),
+                                                 self._is_pvm)
         for index in range(config.topology.cpus):
             # KVM's vCPU id becomes the LAPIC id: it must be the APIC id of the MP table and
             # CPUID (holes for non-power-of-two topologies).  Index 0 has id 0, KVM's BSP.
