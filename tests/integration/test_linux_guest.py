@@ -140,7 +140,7 @@ def linux(tmp_path_factory):
     shutil.copy(ROOTFS, data_disk)
     artifacts = ARTIFACTS / "linux-guest"
     artifacts.mkdir(parents=True, exist_ok=True)
-    guest = LinuxGuest(workdir, artifacts / "serial.log",
+    guest = LinuxGuest(workdir, artifacts / "serial.log", "-smp", "2",
                        "-drive", f"id=data,file={data_disk},direct=off,serial=DATA-DISK",
                        "-device", "virtio-blk-device,drive=data,id=data")
     guest.workdir = workdir  # type: ignore[attr-defined]
@@ -176,11 +176,16 @@ def test_cpu_model_name_is_the_hosts(linux):
     assert guest.strip().split(":", 1)[1].strip() == host_cpuinfo()["model name"].strip()
 
 
+def test_both_vcpus_are_online(linux):
+    assert "smp: Brought up 1 node, 2 CPUs" in linux.text()
+    assert linux.shell("cat /sys/devices/system/cpu/online").strip() == "0-1"
+
+
 def test_query_cpus_gives_real_vcpu_threads(linux):
     cpus = linux.execute("query-cpus")["return"]
     tasks = {int(t) for t in os.listdir(f"/proc/{linux.process.pid}/task")}
-    assert [c["CPU"] for c in cpus] == [0]
-    assert cpus[0]["thread_id"] in tasks
+    assert [c["CPU"] for c in cpus] == [0, 1]
+    assert {c["thread_id"] for c in cpus} <= tasks and cpus[0]["thread_id"] != cpus[1]["thread_id"]
     assert linux.execute("query-status")["return"] == {
         "running": True, "singlestep": False, "status": "running"}
 
@@ -293,17 +298,24 @@ def test_root_disk_with_root_dev_vda(tmp_path, kernel):
     try:
         assert process.stdout is not None and process.stdin is not None
         deadline = time.monotonic() + BOOT_TIMEOUT
-        while USER_SPACE_MARKER.encode() not in log:
-            assert time.monotonic() < deadline, log[-2000:]
-            # A device the monitor gave up on never answers: fail now, not at the timeout.
-            assert b"guest error" not in monitor_log.read_bytes(), monitor_log.read_text()
-            if select.select([process.stdout], [], [], 1)[0]:
-                chunk = os.read(process.stdout.fileno(), 65536)
-                assert chunk, log[-2000:]
-                log += chunk
+
+        def read_until(pattern: bytes, start: int = 0) -> int:
+            while (found := log.find(pattern, start)) < 0:
+                assert time.monotonic() < deadline, log[-2000:]
+                # A device the monitor gave up on never answers: fail now, not at the timeout.
+                assert b"guest error" not in monitor_log.read_bytes(), monitor_log.read_text()
+                if select.select([process.stdout], [], [], 1)[0]:
+                    chunk = os.read(process.stdout.fileno(), 65536)
+                    assert chunk, log[-2000:]
+                    log.extend(chunk)
+            return found + len(pattern)
+
+        # Typed before the shell's prompt, input can be lost when it sets up the terminal.
+        read_until(b"# ", read_until(USER_SPACE_MARKER.encode()))
         # Leaving the shell makes init reboot, which ends the VM.
         process.stdin.write(b"echo on-the-root-disk > /proof.txt; sync; exit\n")
         process.stdin.flush()
+        read_until(b"shell exited, rebooting")
         assert process.wait(timeout=120) == 0
     finally:
         if process.poll() is None:
