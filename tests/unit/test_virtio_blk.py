@@ -3,73 +3,18 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 
 import pytest
 
-from stratovirt_py._dataplane import lib
-from stratovirt_py.config import DriveConfig
-from stratovirt_py.devices.virtio.block import (
-    VIRTIO_BLK_F_DISCARD,
-    VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_WRITE_ZEROES,
-    DiskBackend,
-    VirtioBlock,
-)
-from stratovirt_py.devices.virtio.dataplane import IoThread
-from stratovirt_py.devices.virtio.mmio import VIRTIO_F_RING_EVENT_IDX, QueueSetup
-from tests.virtq_model import BlkDriver, Queue, SyntheticGuest
+from stratovirt_py._dataplane import ffi, lib
+from stratovirt_py.devices.virtio.block import VIRTIO_BLK_F_RO
+from stratovirt_py.devices.virtio.mmio import VIRTIO_F_RING_EVENT_IDX
+from tests.virtq_model import SECTOR, Rig
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-SECTOR = 512
-
-
-class Rig:
-    """A VirtioBlock on synthetic memory, with its I/O thread running."""
-
-    def __init__(self, tmp_path, image_sectors: int = 64, read_only: bool = False,
-                 direct: bool = False, serial: str | None = "SN-1234", features: int = 0):
-        self.guest = SyntheticGuest(size=1 << 21)
-        self.image = tmp_path / "disk.img"
-        self.image.write_bytes(bytes(range(256)) * (image_sectors * SECTOR // 256))
-        self.fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
-        self.irqfd, self.error_fd, self.kick_fd = self.fds
-        self.iothread = IoThread()
-        self.device = VirtioBlock("vdt", self.guest.mem, self.iothread, self.irqfd,
-                                  self.error_fd, self.kick_fd)
-        drive = DriveConfig("d", str(self.image), read_only=read_only, direct=direct,
-                            serial=serial)
-        self.device.set_backend(DiskBackend.open(drive))
-        self.queue = Queue(self.guest, size=64)
-        self.driver = BlkDriver(self.queue)
-        setup = QueueSetup(size=64, ready=True, desc=self.queue.layout.desc,
-                           driver=self.queue.layout.avail, device=self.queue.layout.used)
-        lib.svpy_lock(self.device.shared)
-        assert self.device.activate(features | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES,
-                                    [setup]) == 0
-        lib.svpy_unlock(self.device.shared)
-
-    def run(self, count: int = 1) -> None:
-        """Notifies the device and waits for `count` more completions."""
-        target = self.queue.used_idx() + count
-        os.eventfd_write(self.kick_fd, 1)
-        deadline = time.monotonic() + 5
-        while self.queue.used_idx() < target:
-            assert time.monotonic() < deadline, "the device did not complete the request"
-            time.sleep(0.001)
-
-    def status(self, addr: int) -> int:
-        return self.guest.read(addr, 1)[0]
-
-    def close(self) -> None:
-        self.iothread.stop()
-        backend = self.device.set_backend(None)
-        if backend:
-            backend.close()
-        self.device.close()
-        for fd in self.fds:
-            os.close(fd)
 
 
 @pytest.fixture
@@ -169,8 +114,6 @@ def test_direct_io_with_unaligned_guest_buffers(tmp_path):
 
 
 def test_discard_and_write_zeroes(rig):
-    import struct
-
     segment = struct.pack("<QII", 8, 8, 0)
     zeroes = rig.driver.submit(T_WRITE_ZEROES, data=segment)
     unmap = rig.driver.submit(T_DISCARD, data=struct.pack("<QII", 32, 8, 0))
@@ -238,8 +181,6 @@ def test_event_idx_negotiated(tmp_path):
 
 
 def ffi_string(pointer) -> str:
-    from stratovirt_py._dataplane import ffi
-
     return ffi.string(pointer).decode()
 
 
@@ -254,3 +195,4 @@ def test_host_io_error_becomes_ioerr(rig):
     good = rig.driver.submit(T_IN, sector=1, read_len=SECTOR)
     rig.run()
     assert rig.status(good) == S_OK  # the device goes on
+
