@@ -149,7 +149,8 @@ int blk_submit(struct blk_dev *b, struct blk_req *r, uint32_t type, uint64_t sec
         r->data_len += segs[i].len;
     }
     bufs[1 + nseg] = (struct vq_buf){ (uintptr_t)&r->status, 1, true };
-    int head = vq_add(&b->vq, bufs, nseg + 2, indirect ? r->table : NULL);
+    struct vq_desc *table = (struct vq_desc *)((uintptr_t)r->table + b->table_offset);
+    int head = vq_add(&b->vq, bufs, nseg + 2, indirect ? table : NULL);
     if (head < 0)
         return BLK_ERR_SUBMIT;
     r->head = head;

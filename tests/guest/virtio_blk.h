@@ -81,7 +81,8 @@ struct blk_req {
     int head;
     uint32_t used_len;
     uint32_t data_len; /* sum of the segments */
-    struct vq_desc table[BLK_MAX_SEGS + 2] __attribute__((aligned(16)));
+    /* The indirect table, at table + blk_dev.table_offset bytes (so one spare entry). */
+    struct vq_desc table[BLK_MAX_SEGS + 3] __attribute__((aligned(16)));
 };
 
 struct blk_dev {
@@ -93,6 +94,9 @@ struct blk_dev {
     uint64_t capacity;
     uint32_t generation, size_max, seg_max, blk_size;
     unsigned timeout_ms;
+    /* Added to the address of every indirect table: 8 puts tables 8-byte aligned
+     * as Linux's SLOB allocator does (the spec asks no alignment). */
+    uint32_t table_offset;
 
     struct blk_req *inflight[VQ_MAX_SIZE];
     unsigned pending;

@@ -11,7 +11,7 @@ import pytest
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.devices.virtio.block import VIRTIO_BLK_F_RO
 from stratovirt_py.devices.virtio.mmio import VIRTIO_F_RING_EVENT_IDX
-from tests.virtq_model import SECTOR, Rig
+from tests.virtq_model import F_WRITE, SECTOR, Rig
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
@@ -195,4 +195,20 @@ def test_host_io_error_becomes_ioerr(rig):
     good = rig.driver.submit(T_IN, sector=1, read_len=SECTOR)
     rig.run()
     assert rig.status(good) == S_OK  # the device goes on
+
+# --- Indirect tables at any address (issue 8, item 1) -----------------------------
+
+
+@pytest.mark.parametrize("misalignment", [8, 1])
+def test_read_through_an_indirect_table_at_any_alignment(rig, misalignment):
+    header = rig.driver.header(T_IN, sector=3)
+    data = rig.driver.alloc(2 * SECTOR)
+    status = rig.driver.status_byte()
+    table = rig.driver.alloc(3 * 16, offset=misalignment)
+    rig.driver.submit_chain([(header, 16, 0), (data, 2 * SECTOR, F_WRITE), (status, 1, F_WRITE)],
+                            table=table)
+    rig.run()
+    assert rig.status(status) == S_OK
+    assert rig.guest.read(data, 2 * SECTOR) == rig.image.read_bytes()[3 * SECTOR:5 * SECTOR]
+    assert not rig.device.shared.broken
 
