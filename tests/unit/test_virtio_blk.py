@@ -212,3 +212,160 @@ def test_read_through_an_indirect_table_at_any_alignment(rig, misalignment):
     assert rig.guest.read(data, 2 * SECTOR) == rig.image.read_bytes()[3 * SECTOR:5 * SECTOR]
     assert not rig.device.shared.broken
 
+# --- DISCARD / WRITE_ZEROES limits (item 2) ---------------------------------------
+
+MAX_DISCARD = lib.SVPY_BLK_MAX_DISCARD_SECTORS
+MAX_ZEROES = lib.SVPY_BLK_MAX_WRITE_ZEROES_SECTORS
+UNMAP = 1
+
+
+def segments_payload(*segments: tuple[int, int, int]) -> bytes:
+    return b"".join(struct.pack("<QII", *segment) for segment in segments)
+
+
+@pytest.mark.parametrize(("kind", "segments", "expected"), [
+    (T_DISCARD, [(0, 8, 0)] * 16, S_OK),  # the advertised maximum
+    (T_DISCARD, [(0, 8, 0)] * 17, S_UNSUPP),  # one segment more
+    (T_WRITE_ZEROES, [(0, 8, 0)], S_OK),
+    (T_WRITE_ZEROES, [(0, 8, 0)] * 2, S_UNSUPP),  # max_write_zeroes_seg is 1
+    (T_DISCARD, [(0, MAX_DISCARD, 0)], S_OK),
+    (T_DISCARD, [(0, MAX_DISCARD + 1, 0)], S_IOERR),
+    (T_WRITE_ZEROES, [(0, MAX_ZEROES, 0)], S_OK),
+    (T_WRITE_ZEROES, [(0, MAX_ZEROES + 1, UNMAP)], S_IOERR),
+    (T_DISCARD, [(0, 8, UNMAP)], S_UNSUPP),  # UNMAP is for WRITE_ZEROES only
+    (T_WRITE_ZEROES, [(0, 8, 2)], S_UNSUPP),  # an unknown flag
+])
+def test_discard_and_write_zeroes_limits(tmp_path, kind, segments, expected):
+    # Sparse and large enough that every range above lies inside the disk.
+    rig = Rig(tmp_path, sparse_bytes=(MAX_DISCARD + 64) * SECTOR)
+    try:
+        status = rig.driver.submit(kind, data=segments_payload(*segments))
+        rig.run()
+        assert rig.status(status) == expected
+        assert not rig.device.shared.broken
+    finally:
+        rig.close()
+
+
+def test_a_refused_discard_changes_nothing(rig):
+    before = rig.image.read_bytes()
+    status = rig.driver.submit(T_DISCARD, data=segments_payload((0, 8, 0), (8, 8, 2)))
+    rig.run()
+    assert rig.status(status) == S_UNSUPP
+    assert rig.image.read_bytes() == before  # the valid first segment was not carried out
+
+
+def test_discard_segments_split_across_tiny_buffers(rig):
+    request = struct.pack("<IIQ", T_DISCARD, 0, 0) + segments_payload((8, 8, 0), (32, 8, 0))
+    sizes = [1, 2, 3, 5, 7, 11, 13, 6]  # 48 bytes, cut across every field
+    chain, at = [], 0
+    for size in sizes:
+        buffer = rig.driver.alloc(size)
+        rig.guest.write(buffer, request[at:at + size])
+        chain.append((buffer, size, 0))
+        at += size
+    status = rig.driver.status_byte()
+    rig.driver.submit_chain([*chain, (status, 1, F_WRITE)])
+    rig.run()
+    assert rig.status(status) == S_OK
+    image = rig.image.read_bytes()
+    assert image[8 * SECTOR:16 * SECTOR] == bytes(8 * SECTOR)
+    assert image[32 * SECTOR:40 * SECTOR] == bytes(8 * SECTOR)
+    assert image[16 * SECTOR:32 * SECTOR] != bytes(16 * SECTOR)
+
+
+def test_discard_of_many_aliased_segments_is_refused_at_once(rig):
+    # 1000 descriptors naming one page of segments: 256000 segments, which the
+    # device once parsed (rescanning the chain for each) and carried out.
+    page = rig.driver.alloc(4096)
+    rig.guest.write(page, segments_payload((0, 1, 0)) * 256)
+    header = rig.driver.header(T_DISCARD)
+    status = rig.driver.status_byte()
+    table = rig.driver.alloc(16 * 1002)
+    rig.driver.submit_chain([(header, 16, 0), *[(page, 4096, 0)] * 1000, (status, 1, F_WRITE)],
+                            table=table)
+    rig.run()  # within 5 s
+    assert rig.status(status) == S_UNSUPP
+    assert rig.image.read_bytes()[:SECTOR] == bytes(range(256)) * 2
+
+
+def test_a_long_queue_is_served_in_passes_that_yield_the_lock(tmp_path):
+    # Three reads of the largest size: more than one pass may do while holding the lock.
+    piece = 1 << 20
+    count = lib.SVPY_BLK_MAX_REQUEST_BYTES // piece
+    rig = Rig(tmp_path, guest_size=1 << 22, sparse_bytes=64 << 20)
+    try:
+        buffer = rig.driver.alloc(piece)
+        statuses = []
+        for _ in range(3):
+            header = rig.driver.header(T_IN)
+            status = rig.driver.status_byte()
+            table = rig.driver.alloc(16 * (count + 2))
+            rig.driver.submit_chain(
+                [(header, 16, 0), *[(buffer, piece, F_WRITE)] * count, (status, 1, F_WRITE)],
+                table=table)
+            statuses.append(status)
+        rig.run(3)
+        assert [rig.status(status) for status in statuses] == [S_OK] * 3
+        assert rig.device.stats()["yields"] >= 1
+    finally:
+        rig.close()
+
+
+# --- Request size bound, used length apart from errors (items 3 and 6) ------------
+
+
+def aliased_read(rig: Rig, total: int, piece: int, buffer: int) -> tuple[int, int]:
+    """A read of `total` bytes into `piece`-byte buffers that all alias one area
+    (the spec allows it); returns (head, status address)."""
+    pieces = [piece] * (total // piece) + ([total % piece] if total % piece else [])
+    header = rig.driver.header(T_IN)
+    status = rig.driver.status_byte()
+    table = rig.driver.alloc(16 * (len(pieces) + 2))
+    head = rig.driver.submit_chain(
+        [(header, 16, 0), *[(buffer, size, F_WRITE) for size in pieces], (status, 1, F_WRITE)],
+        table=table)
+    return head, status
+
+
+@pytest.mark.parametrize(("total", "direct"), [
+    (2 << 30, False),  # once: read, status OK, then the device broke instead of answering
+    ((4 << 30) + SECTOR, False),  # once: read, then answered with a used length of 513
+    (0x7FFFF000 + SECTOR, True),  # once: cut short by the kernel's cap on one AIO transfer
+    (lib.SVPY_BLK_MAX_REQUEST_BYTES + SECTOR, False),
+])
+def test_a_read_above_the_request_bound_gets_ioerr_before_any_io(tmp_path, total, direct):
+    piece = 8 << 20
+    rig = Rig(tmp_path, guest_size=2 * piece, sparse_bytes=(4 << 30) + (1 << 20),
+              direct=direct)
+    try:
+        buffer = rig.driver.alloc(piece)
+        rig.guest.write(buffer, b"\x5a" * piece)
+        head, status = aliased_read(rig, total, piece, buffer)
+        rig.run()
+        assert rig.status(status) == S_IOERR
+        assert rig.queue.used_elem(0) == (head, 1)
+        assert not rig.device.shared.broken
+        assert rig.guest.read(buffer, piece) == b"\x5a" * piece  # no I/O was done
+        assert rig.device.stats()["read_bytes"] == 0
+        good = rig.driver.submit(T_IN, sector=1, read_len=SECTOR)
+        rig.run()
+        assert rig.status(good) == S_OK
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_read_of_the_request_bound_is_served(tmp_path, direct):
+    piece = 4 << 20
+    total = lib.SVPY_BLK_MAX_REQUEST_BYTES
+    rig = Rig(tmp_path, guest_size=2 * piece, sparse_bytes=64 << 20, direct=direct)
+    try:
+        buffer = rig.driver.alloc(piece)
+        head, status = aliased_read(rig, total, piece, buffer)
+        rig.run()
+        assert rig.status(status) == S_OK
+        assert rig.queue.used_elem(0) == (head, total + 1)
+        assert rig.device.stats()["read_bytes"] == total
+    finally:
+        rig.close()
