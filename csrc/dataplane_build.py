@@ -31,6 +31,7 @@ struct iovec { void *iov_base; size_t iov_len; };
 #define SVPY_BLK_MAX_WRITE_ZEROES_SEGMENTS ...
 #define SVPY_BLK_PASS_MAX_REQUESTS ...
 #define SVPY_BLK_PASS_MAX_BYTES ...
+#define SVPY_BLK_AIO_DEPTH ...
 
 struct svpy_mem_region { uint64_t gpa; uint64_t size; uint8_t *hva; };
 struct svpy_guest_memory { uint32_t count; struct svpy_mem_region regions[4]; };
@@ -74,6 +75,11 @@ struct svpy_blk_stats {
     uint64_t yields;
 };
 
+struct svpy_blk_request {
+    uint8_t in_use;
+    ...;
+};
+
 struct svpy_blk {
     struct svpy_virtio_shared shared;
     struct svpy_virtqueue vq;
@@ -85,7 +91,9 @@ struct svpy_blk {
     uint8_t write_zeroes;
     char serial[20];
     struct svpy_blk_stats stats;
+    unsigned long aio;
     uint32_t inflight;
+    struct svpy_blk_request requests[];
     ...;
 };
 

@@ -496,6 +496,24 @@ static void complete_request(struct svpy_blk *blk, struct svpy_blk_request *requ
     blk->inflight--;
 }
 
+/* io_getevents failed for another reason than a signal: the context is
+ * unusable (EINVAL, EFAULT) and nothing in flight will ever be reported.
+ * Rather than wait forever, fail those requests and serve the next ones
+ * without AIO. */
+static unsigned abandon_aio(struct svpy_blk *blk, int push)
+{
+    unsigned failed = 0;
+
+    for (unsigned i = 0; i < SVPY_BLK_AIO_DEPTH; i++) {
+        if (blk->requests[i].in_use) {
+            complete_request(blk, &blk->requests[i], -EIO, push);
+            failed++;
+        }
+    }
+    blk->aio = 0;
+    return failed;
+}
+
 /* Collects finished requests; waits for at least `wait_for` of them. */
 static unsigned reap(struct svpy_blk *blk, long wait_for, int push)
 {
@@ -508,6 +526,8 @@ static unsigned reap(struct svpy_blk *blk, long wait_for, int push)
         count = io_getevents_(blk->aio, wait_for, SVPY_BLK_AIO_DEPTH, events,
                               wait_for ? NULL : &no_wait);
     } while (count < 0 && errno == EINTR);
+    if (count < 0)
+        return abandon_aio(blk, push);
     for (long i = 0; i < count; i++) {
         struct svpy_blk_request *request = (void *)(uintptr_t)events[i].data;
 
@@ -521,6 +541,7 @@ void svpy_blk_drain(struct svpy_blk *blk, int complete)
 {
     unsigned completed = 0;
 
+    /* Ends: each reap completes at least one request or turns AIO off. */
     while (blk->aio && blk->inflight)
         completed += reap(blk, (long)blk->inflight, complete && blk->vq.active);
     if (completed && complete && svpy_vq_should_interrupt(&blk->vq))

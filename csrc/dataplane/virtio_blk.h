@@ -106,7 +106,9 @@ int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread);
 /* Drains the queue; the caller holds blk->shared.lock. */
 void svpy_blk_process(struct svpy_blk *blk);
 /* Waits for requests in flight (lock held).  With `complete`, they are
- * answered in the used ring; without (device reset), they are forgotten. */
+ * answered in the used ring; without (device reset), they are forgotten.  If
+ * Linux AIO stops answering (io_getevents fails), the requests in flight fail
+ * with IOERR and the device goes on without AIO. */
 void svpy_blk_drain(struct svpy_blk *blk, int complete);
 /* Without AIO (e.g. the host's aio-max-nr is used up) requests are synchronous. */
 int svpy_blk_enable_aio(struct svpy_blk *blk);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 
 import pytest
@@ -368,4 +369,36 @@ def test_a_read_of_the_request_bound_is_served(tmp_path, direct):
         assert rig.queue.used_elem(0) == (head, total + 1)
         assert rig.device.stats()["read_bytes"] == total
     finally:
+        rig.close()
+
+
+def test_drain_ends_when_aio_stops_answering(tmp_path):
+    rig = Rig(tmp_path, direct=True)
+    c = rig.device.c
+    context = c.aio
+    assert context, "O_DIRECT backends use Linux AIO"
+    # One request in flight on a context io_getevents refuses (EINVAL).
+    c.requests[0].in_use = 1
+    c.inflight = 1
+    c.aio = 1
+    drained = threading.Event()
+
+    def drain() -> None:
+        lib.svpy_blk_drain(c, 0)
+        drained.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert drained.wait(5), "svpy_blk_drain kept waiting for a failed context"
+        assert (c.inflight, c.requests[0].in_use, c.aio) == (0, 0, 0)
+        assert rig.device.stats()["errors"] == 1
+        status = rig.driver.submit(T_IN, sector=1, read_len=SECTOR)
+        rig.run()  # served without AIO
+        assert rig.status(status) == S_OK
+    finally:
+        if not drained.is_set():  # let a spinning drain out, so that close() can finish
+            c.requests[0].in_use = 0
+            c.inflight = 0
+            c.aio = context
+            drained.wait(5)
         rig.close()
