@@ -97,7 +97,12 @@ struct svpy_blk {
     ...;
 };
 
-struct svpy_iothread { ...; };
+struct svpy_iothread {
+    int epoll_fd;
+    int failure_fd;
+    int32_t failed_errno;
+    ...;
+};
 
 int svpy_vq_activate(struct svpy_virtqueue *vq, const struct svpy_guest_memory *mem);
 void svpy_vq_deactivate(struct svpy_virtqueue *vq);

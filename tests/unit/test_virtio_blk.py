@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import select
 import struct
 import threading
 import time
@@ -197,6 +199,7 @@ def test_host_io_error_becomes_ioerr(rig):
     rig.run()
     assert rig.status(good) == S_OK  # the device goes on
 
+
 # --- Indirect tables at any address (issue 8, item 1) -----------------------------
 
 
@@ -212,6 +215,7 @@ def test_read_through_an_indirect_table_at_any_alignment(rig, misalignment):
     assert rig.status(status) == S_OK
     assert rig.guest.read(data, 2 * SECTOR) == rig.image.read_bytes()[3 * SECTOR:5 * SECTOR]
     assert not rig.device.shared.broken
+
 
 # --- DISCARD / WRITE_ZEROES limits (item 2) ---------------------------------------
 
@@ -402,3 +406,21 @@ def test_drain_ends_when_aio_stops_answering(tmp_path):
             c.aio = context
             drained.wait(5)
         rig.close()
+
+
+def test_io_thread_failure_reaches_the_control_plane(rig, caplog):
+    thread = rig.iothread
+    assert thread.failure() is None
+    # Put something that is not an epoll instance under the thread's epoll fd:
+    # its next epoll_wait fails (EINVAL), as any other epoll_wait failure would.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, thread.handle.epoll_fd)
+    os.close(devnull)
+    os.eventfd_write(rig.kick_fd, 1)  # wakes the thread from the wait it is in
+    readable, _, _ = select.select([thread.failure_fd], [], [], 5)
+    assert readable, "the failure was not signalled"
+    reason = thread.failure()
+    assert reason is not None and "epoll_wait failed: Invalid argument" in reason
+    assert thread.failure() == reason
+    errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert [record.getMessage() for record in errors] == [reason]  # logged once
