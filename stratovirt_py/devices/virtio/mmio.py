@@ -9,15 +9,13 @@ and completions come back through an irqfd, so no per-request work is here.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.devices.virtio.dataplane import device_lock
-
-log = logging.getLogger(__name__)
+from stratovirt_py.devices.virtio.guest_errors import GuestErrorLog
 
 MAGIC = 0x74726976  # "virt"
 VERSION = 2
@@ -122,6 +120,7 @@ class VirtioMmioTransport:
         self.queue_sel = 0
         self.queues = [QueueSetup() for _ in device.queue_max_sizes]
         self.config_generation = 0
+        self.guest_errors = GuestErrorLog(device.name)
 
     @property
     def cmdline_token(self) -> str:
@@ -250,8 +249,8 @@ class VirtioMmioTransport:
 
     def _break(self, error: int) -> None:
         """The guest broke the protocol: DEVICE_NEEDS_RESET and a config interrupt (§2.1.2)."""
-        log.warning("%s: guest error: %s; device needs reset", self.device.name,
-                    ffi.string(lib.svpy_vq_error_name(error)).decode())
+        what = ffi.string(lib.svpy_vq_error_name(error)).decode()
+        self.guest_errors.report(f"{what}; device needs reset")
         self.status |= STATUS_NEEDS_RESET
         if self.status & STATUS_DRIVER_OK:
             self.config_generation += 1
