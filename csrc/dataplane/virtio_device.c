@@ -3,6 +3,7 @@
 #include <stdint.h>
 
 #include "eventfd.h"
+#include "virtqueue.h"
 
 int svpy_shared_init(struct svpy_virtio_shared *shared, int irqfd, int error_fd)
 {
@@ -54,4 +55,13 @@ void svpy_lock(struct svpy_virtio_shared *shared)
 void svpy_unlock(struct svpy_virtio_shared *shared)
 {
     pthread_mutex_unlock(&shared->lock);
+}
+
+const char *svpy_device_error_name(int error)
+{
+    if (error < 0)
+        error = -error;
+    if (error == SVPY_DEV_ERR_STATUS_CLEARED)
+        return "the driver cleared a device status bit (only a write of 0 resets)";
+    return svpy_vq_error_name(error);
 }

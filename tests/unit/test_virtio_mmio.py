@@ -6,11 +6,13 @@ import logging
 
 import pytest
 
+from stratovirt_py._dataplane import lib
 from stratovirt_py.devices.virtio import guest_errors
 from stratovirt_py.devices.virtio.guest_errors import GuestErrorLog
 from stratovirt_py.devices.virtio.mmio import (
     REG_DRIVER_FEATURES,
     REG_DRIVER_FEATURES_SEL,
+    REG_INTERRUPT_STATUS,
     REG_QUEUE_DESC_HIGH,
     REG_QUEUE_DESC_LOW,
     REG_QUEUE_DEVICE_HIGH,
@@ -29,7 +31,11 @@ from stratovirt_py.devices.virtio.mmio import (
     VIRTIO_F_VERSION_1,
     VirtioMmioTransport,
 )
-from tests.virtq_model import Queue, Rig
+from tests.virtq_model import SECTOR, Queue, Rig
+
+T_OUT = 1
+S_OK = 0
+FULLY_ON = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
 
 
 class MmioDriver:
@@ -78,6 +84,44 @@ def rig(tmp_path):
 @pytest.fixture
 def transport(rig):
     return VirtioMmioTransport(rig.device, base=0xF0100000, irq=5)
+
+
+def test_driver_ok_cleared_and_set_again_does_not_reactivate_the_queue(rig, transport):
+    driver = MmioDriver(transport)
+    driver.initialise(rig.queue)
+    assert driver.read(REG_STATUS) == FULLY_ON
+    status = rig.driver.submit(T_OUT, sector=2, data=b"\x11" * SECTOR)
+    rig.run()
+    assert rig.status(status) == S_OK
+    rig.guest.write(status, b"\xee")
+    lib.svpy_ack_interrupt(rig.device.shared, 0xFFFF_FFFF)
+
+    driver.write(REG_STATUS, FULLY_ON & ~STATUS_DRIVER_OK)  # a driver error (§2.1.2)
+    driver.write(REG_QUEUE_NUM, 8)  # queue set-up stays closed
+    driver.write(REG_STATUS, FULLY_ON)
+
+    assert driver.read(REG_STATUS) == FULLY_ON | STATUS_NEEDS_RESET
+    assert driver.read(REG_INTERRUPT_STATUS) & lib.SVPY_INT_CONFIG
+    assert transport.queues[0].size == rig.queue.size
+    assert rig.status(status) == 0xEE  # the write was not served a second time
+    assert rig.device.stats()["requests"] == 1
+    assert transport.guest_errors.count == 1
+
+
+def test_only_a_write_of_zero_resets(rig, transport):
+    driver = MmioDriver(transport)
+    driver.initialise(rig.queue)
+    driver.write(REG_STATUS, STATUS_ACKNOWLEDGE)
+    assert driver.read(REG_STATUS) == FULLY_ON | STATUS_NEEDS_RESET
+    driver.write(REG_STATUS, 0)
+    assert driver.read(REG_STATUS) == 0
+    assert rig.device.shared.broken == 0
+
+
+def test_the_driver_cannot_set_needs_reset(rig, transport):
+    driver = MmioDriver(transport)
+    driver.write(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_NEEDS_RESET)
+    assert driver.read(REG_STATUS) == STATUS_ACKNOWLEDGE
 
 
 def test_guest_errors_are_counted_and_logged_at_a_bounded_rate(rig, transport, caplog):
