@@ -81,6 +81,8 @@ const char *blk_init(struct blk_dev *b, const struct virtio_mmio_dev *m,
         wanted |= VIRTIO_BIT(VIRTIO_F_EVENT_IDX);
     if (opts->indirect)
         wanted |= VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC);
+    if (opts->discard)
+        wanted |= VIRTIO_BIT(VIRTIO_BLK_F_DISCARD) | VIRTIO_BIT(VIRTIO_BLK_F_WRITE_ZEROES);
     b->accepted = b->offered & wanted;
     vm_set_driver_features(m, b->accepted);
     uint32_t status = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |

@@ -40,6 +40,7 @@
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_T_FLUSH 4
 #define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_DISCARD 11
 #define VIRTIO_BLK_S_OK 0
 #define VIRTIO_BLK_S_IOERR 1
 #define VIRTIO_BLK_S_UNSUPP 2
@@ -58,6 +59,7 @@
 struct blk_options {
     bool event_idx; /* accept VIRTIO_F_EVENT_IDX when offered */
     bool indirect;  /* accept VIRTIO_F_INDIRECT_DESC when offered */
+    bool discard;   /* accept VIRTIO_BLK_F_DISCARD and WRITE_ZEROES when offered */
     uint16_t queue_size;
     unsigned timeout_ms; /* per wait for completions */
 };
@@ -116,9 +118,9 @@ void blk_read_config(struct blk_dev *b);
 
 /*
  * Full initialisation (3.1.1): reset, ACKNOWLEDGE, DRIVER, features (VERSION_1
- * required; EVENT_IDX / INDIRECT_DESC per options; FLUSH, SEG_MAX, SIZE_MAX,
- * BLK_SIZE, RO, GEOMETRY, TOPOLOGY when offered), FEATURES_OK and its check,
- * queue 0, DRIVER_OK.  Returns NULL, or what failed ("version=1", ...).
+ * required; EVENT_IDX / INDIRECT_DESC / DISCARD + WRITE_ZEROES per options; FLUSH,
+ * SEG_MAX, SIZE_MAX, BLK_SIZE, RO, GEOMETRY, TOPOLOGY when offered), FEATURES_OK
+ * and its check, queue 0, DRIVER_OK.  Returns NULL, or what failed ("version=1", ...).
  */
 const char *blk_init(struct blk_dev *b, const struct virtio_mmio_dev *m,
                      const struct blk_options *opts);
