@@ -22,6 +22,17 @@ struct iovec { void *iov_base; size_t iov_len; };
 #define SVPY_BLK_ID_BYTES ...
 #define SVPY_INT_VRING ...
 #define SVPY_INT_CONFIG ...
+#define SVPY_DEV_ERR_STATUS_CLEARED ...
+#define SVPY_BLK_SEG_MAX ...
+#define SVPY_BLK_SIZE_MAX ...
+#define SVPY_BLK_MAX_REQUEST_BYTES ...
+#define SVPY_BLK_MAX_DISCARD_SECTORS ...
+#define SVPY_BLK_MAX_DISCARD_SEGMENTS ...
+#define SVPY_BLK_MAX_WRITE_ZEROES_SECTORS ...
+#define SVPY_BLK_MAX_WRITE_ZEROES_SEGMENTS ...
+#define SVPY_BLK_PASS_MAX_REQUESTS ...
+#define SVPY_BLK_PASS_MAX_BYTES ...
+#define SVPY_BLK_AIO_DEPTH ...
 
 struct svpy_mem_region { uint64_t gpa; uint64_t size; uint8_t *hva; };
 struct svpy_guest_memory { uint32_t count; struct svpy_mem_region regions[4]; };
@@ -62,6 +73,12 @@ struct svpy_blk_stats {
     uint64_t read_bytes;
     uint64_t written_bytes;
     uint64_t errors;
+    uint64_t yields;
+};
+
+struct svpy_blk_request {
+    uint8_t in_use;
+    ...;
 };
 
 struct svpy_blk {
@@ -75,11 +92,18 @@ struct svpy_blk {
     uint8_t write_zeroes;
     char serial[20];
     struct svpy_blk_stats stats;
+    unsigned long aio;
     uint32_t inflight;
+    struct svpy_blk_request requests[];
     ...;
 };
 
-struct svpy_iothread { ...; };
+struct svpy_iothread {
+    int epoll_fd;
+    int failure_fd;
+    int32_t failed_errno;
+    ...;
+};
 
 int svpy_vq_activate(struct svpy_virtqueue *vq, const struct svpy_guest_memory *mem);
 void svpy_vq_deactivate(struct svpy_virtqueue *vq);
@@ -94,6 +118,7 @@ void svpy_raise_interrupt(struct svpy_virtio_shared *shared, uint32_t cause);
 uint32_t svpy_read_interrupt_status(struct svpy_virtio_shared *shared);
 void svpy_ack_interrupt(struct svpy_virtio_shared *shared, uint32_t bits);
 void svpy_mark_broken(struct svpy_virtio_shared *shared, int error);
+const char *svpy_device_error_name(int error);
 void svpy_lock(struct svpy_virtio_shared *shared);
 void svpy_unlock(struct svpy_virtio_shared *shared);
 void svpy_shared_destroy(struct svpy_virtio_shared *shared);

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from stratovirt_py._dataplane import ffi, lib
+from stratovirt_py.config import DriveConfig
+from stratovirt_py.devices.virtio.block import (
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    DiskBackend,
+    VirtioBlock,
+)
+from stratovirt_py.devices.virtio.dataplane import IoThread, device_lock
+from stratovirt_py.devices.virtio.mmio import VIRTIO_F_RING_INDIRECT_DESC, QueueSetup
 
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 GUARD = 4096
@@ -118,9 +130,10 @@ class BlkDriver:
         self.scratch = queue.data_area
         self.pending: list[tuple[int, int]] = []  # (head, status address)
 
-    def _alloc(self, length: int) -> int:
-        addr = self.scratch
-        self.scratch = (self.scratch + length + 63) & ~63
+    def alloc(self, length: int, offset: int = 0) -> int:
+        """Guest memory for buffers: 64-byte aligned, plus `offset`."""
+        addr = self.scratch + offset
+        self.scratch = (addr + length + 63) & ~63
         assert self.scratch < self.queue.guest.base + self.queue.guest.size
         return addr
 
@@ -129,34 +142,115 @@ class BlkDriver:
         self.next_desc = (self.next_desc + 1) % self.queue.size
         return index
 
+    def header(self, kind: int, sector: int = 0) -> int:
+        """A request header in guest memory; returns its address."""
+        addr = self.alloc(16)
+        self.queue.guest.write(addr, self.HEADER.pack(kind, 0, sector))
+        return addr
+
+    def status_byte(self) -> int:
+        """A status byte preset to 0xee (no status); returns its address."""
+        addr = self.alloc(1)
+        self.queue.guest.write(addr, b"\xee")
+        return addr
+
     def submit(self, kind: int, sector: int = 0, data: bytes = b"", read_len: int = 0,
                segments: int = 1) -> int:
         """Queues one request; returns the guest address of its status byte."""
-        header = self._alloc(16)
-        self.queue.guest.write(header, self.HEADER.pack(kind, 0, sector))
-        chain = [(header, 16, 0)]
+        chain = [(self.header(kind, sector), 16, 0)]
         payload = data if data else bytes(read_len)
         flags = 0 if data else F_WRITE
         if payload:
             piece = -(-len(payload) // segments)
             for start in range(0, len(payload), piece):
-                addr = self._alloc(len(payload[start:start + piece]))
+                addr = self.alloc(len(payload[start:start + piece]))
                 if data:
                     self.queue.guest.write(addr, payload[start:start + piece])
                 chain.append((addr, len(payload[start:start + piece]), flags))
-        status = self._alloc(1)
-        self.queue.guest.write(status, b"\xee")
+        status = self.status_byte()
         chain.append((status, 1, F_WRITE))
+        self.pending.append((self.submit_chain(chain), status))
+        return status
+
+    def submit_chain(self, chain: list[tuple[int, int, int]], table: int | None = None) -> int:
+        """Queues (address, length, flags) buffers as one chain: in the ring, or in an
+        indirect table at guest address `table` (any alignment); returns the head."""
+        if table is not None:
+            for position, (addr, length, flags) in enumerate(chain):
+                last = position == len(chain) - 1
+                self.queue.set_desc(position, addr, length, flags | (0 if last else F_NEXT),
+                                    0 if last else position + 1, table=table)
+            chain = [(table, 16 * len(chain), F_INDIRECT)]
         indices = [self._desc() for _ in chain]
-        for position, (addr, length, chain_flags) in enumerate(chain):
+        for position, (addr, length, flags) in enumerate(chain):
             last = position == len(chain) - 1
             self.queue.set_desc(indices[position], addr, length,
-                                chain_flags | (0 if last else F_NEXT),
+                                flags | (0 if last else F_NEXT),
                                 0 if last else indices[position + 1])
         self.queue.publish(indices[0])
-        self.pending.append((indices[0], status))
-        return status
+        return indices[0]
 
     def data_at(self, status_addr: int, length: int) -> bytes:
         """The read buffer(s) just before a status byte (single-segment reads)."""
         return self.queue.guest.read(status_addr - ((length + 63) & ~63), length)
+
+
+SECTOR = 512
+
+
+class Rig:
+    """A VirtioBlock on synthetic memory, with its I/O thread running.
+
+    The image holds a byte pattern (`image_sectors`), or is sparse (`sparse_bytes`).
+    With `activate`, the queue is handed to the device as a driver would at DRIVER_OK,
+    with INDIRECT_DESC, DISCARD and WRITE_ZEROES negotiated (and `features`).
+    """
+
+    def __init__(self, tmp_path: Path, image_sectors: int = 64, read_only: bool = False,
+                 direct: bool = False, serial: str | None = "SN-1234", features: int = 0,
+                 guest_size: int = 1 << 21, sparse_bytes: int = 0, activate: bool = True):
+        self.guest = SyntheticGuest(size=guest_size)
+        self.image = tmp_path / "disk.img"
+        if sparse_bytes:
+            with open(self.image, "wb") as image:
+                image.truncate(sparse_bytes)
+        else:
+            self.image.write_bytes(bytes(range(256)) * (image_sectors * SECTOR // 256))
+        self.fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
+        self.irqfd, self.error_fd, self.kick_fd = self.fds
+        self.iothread = IoThread()
+        self.device = VirtioBlock("vdt", self.guest.mem, self.iothread, self.irqfd,
+                                  self.error_fd, self.kick_fd)
+        drive = DriveConfig("d", str(self.image), read_only=read_only, direct=direct,
+                            serial=serial)
+        self.device.set_backend(DiskBackend.open(drive))
+        self.queue = Queue(self.guest, size=64)
+        self.driver = BlkDriver(self.queue)
+        if activate:
+            setup = QueueSetup(size=64, ready=True, desc=self.queue.layout.desc,
+                               driver=self.queue.layout.avail, device=self.queue.layout.used)
+            with device_lock(self.device.shared):
+                assert self.device.activate(
+                    features | VIRTIO_F_RING_INDIRECT_DESC | VIRTIO_BLK_F_DISCARD
+                    | VIRTIO_BLK_F_WRITE_ZEROES, [setup]) == 0
+
+    def run(self, count: int = 1) -> None:
+        """Notifies the device and waits for `count` more completions."""
+        target = self.queue.used_idx() + count
+        os.eventfd_write(self.kick_fd, 1)
+        deadline = time.monotonic() + 5
+        while self.queue.used_idx() < target:
+            assert time.monotonic() < deadline, "the device did not complete the request"
+            time.sleep(0.001)
+
+    def status(self, addr: int) -> int:
+        return self.guest.read(addr, 1)[0]
+
+    def close(self) -> None:
+        self.iothread.stop()
+        backend = self.device.set_backend(None)
+        if backend:
+            backend.close()
+        self.device.close()
+        for fd in self.fds:
+            os.close(fd)

@@ -7,6 +7,8 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "eventfd.h"
+
 #define MAX_EVENTS 32
 
 static void *run(void *arg)
@@ -20,6 +22,8 @@ static void *run(void *arg)
         if (count < 0) {
             if (errno == EINTR)
                 continue;
+            __atomic_store_n(&thread->failed_errno, errno ? errno : EIO, __ATOMIC_SEQ_CST);
+            svpy_eventfd_signal(thread->failure_fd);
             return NULL;
         }
         for (int i = 0; i < count; i++) {
@@ -39,14 +43,16 @@ int svpy_iothread_start(struct svpy_iothread *thread)
 
     memset(&event, 0, sizeof(event));
     thread->running = 0;
+    thread->failed_errno = 0;
+    thread->stop_fd = thread->failure_fd = -1;
     thread->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     if (thread->epoll_fd < 0)
         return -errno;
     thread->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (thread->stop_fd < 0) {
+    thread->failure_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (thread->stop_fd < 0 || thread->failure_fd < 0) {
         ret = -errno;
-        close(thread->epoll_fd);
-        return ret;
+        goto fail;
     }
     event.events = EPOLLIN;
     event.data.ptr = NULL;
@@ -61,7 +67,10 @@ int svpy_iothread_start(struct svpy_iothread *thread)
     thread->running = 1;
     return 0;
 fail:
-    close(thread->stop_fd);
+    if (thread->failure_fd >= 0)
+        close(thread->failure_fd);
+    if (thread->stop_fd >= 0)
+        close(thread->stop_fd);
     close(thread->epoll_fd);
     return ret;
 }
@@ -86,6 +95,7 @@ void svpy_iothread_stop(struct svpy_iothread *thread)
         return; /* cannot happen on a fresh eventfd; never join a thread we could not wake */
     pthread_join(thread->thread, NULL);
     thread->running = 0;
+    close(thread->failure_fd);
     close(thread->stop_fd);
     close(thread->epoll_fd);
 }

@@ -4,6 +4,7 @@
 #define SVPY_IOTHREAD_H
 
 #include <pthread.h>
+#include <stdint.h>
 
 typedef void (*svpy_handler_fn)(void *context);
 
@@ -16,6 +17,11 @@ struct svpy_watch {
 struct svpy_iothread {
     int epoll_fd;
     int stop_fd;
+    /* Signalled when the thread stops on its own (epoll_wait failed): from
+     * then on no device it serves gets any work done, so the control plane
+     * must hear of it.  failed_errno (atomic) says why; 0 while it runs. */
+    int failure_fd;
+    int32_t failed_errno;
     int running;
     pthread_t thread;
 };

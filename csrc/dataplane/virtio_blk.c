@@ -10,8 +10,17 @@
 #include <unistd.h>
 #include <linux/falloc.h>
 
-/* handle_request's answer for a request that completes later (AIO). */
-#define REQUEST_IN_FLIGHT (-2)
+#include "eventfd.h"
+
+/* How handling one chain ended. */
+enum request_outcome {
+    REQUEST_ANSWERED,  /* status byte written: push with the used length */
+    REQUEST_IN_FLIGHT, /* handed to Linux AIO: answered when it completes */
+    REQUEST_MALFORMED, /* no status byte to answer in: the driver broke the protocol */
+};
+
+/* do_read_write's answer for a request it handed to AIO (not a status byte). */
+#define STATUS_IN_FLIGHT 0x100
 
 struct request_header {
     uint32_t type;
@@ -25,25 +34,40 @@ struct discard_segment {
     uint32_t flags;
 };
 
-/* Copies `len` bytes at `offset` of the chain's readable part into `out`. */
-static int gather(const struct svpy_chain *chain, uint64_t offset, void *out, size_t len)
+/* Reads the chain's device-readable bytes front to back, in one pass over the
+ * buffers whatever their sizes (a request's parts may be split anywhere). */
+struct chain_reader {
+    const struct iovec *iov;
+    unsigned left; /* buffers from iov on */
+    size_t offset; /* into iov[0] */
+};
+
+static struct chain_reader readable_part(const struct svpy_chain *chain)
+{
+    return (struct chain_reader){ chain->iov, chain->readable, 0 };
+}
+
+static bool read_next(struct chain_reader *reader, void *out, size_t len)
 {
     uint8_t *dest = out;
 
-    for (unsigned i = 0; i < chain->readable && len; i++) {
-        const struct iovec *iov = &chain->iov[i];
+    while (len) {
+        if (!reader->left)
+            return false;
+        size_t room = reader->iov->iov_len - reader->offset;
+        size_t take = room < len ? room : len;
 
-        if (offset >= iov->iov_len) {
-            offset -= iov->iov_len;
-            continue;
-        }
-        size_t take = iov->iov_len - offset < len ? iov->iov_len - offset : len;
-        memcpy(dest, (uint8_t *)iov->iov_base + offset, take);
+        memcpy(dest, (const uint8_t *)reader->iov->iov_base + reader->offset, take);
         dest += take;
         len -= take;
-        offset = 0;
+        reader->offset += take;
+        if (reader->offset == reader->iov->iov_len) {
+            reader->iov++;
+            reader->left--;
+            reader->offset = 0;
+        }
     }
-    return len ? -1 : 0;
+    return true;
 }
 
 /* Builds in blk->data_iov the sub-range [offset, offset+len) of iov[first..first+count). */
@@ -124,15 +148,17 @@ static int transfer(struct svpy_blk *blk, bool write, struct iovec *iov, int iov
 static int submit_aio(struct svpy_blk *blk, bool write, int iovcnt, uint64_t offset,
                       uint64_t len);
 
-/* Returns a VIRTIO_BLK_S_* status, or REQUEST_IN_FLIGHT. */
+/* Returns a VIRTIO_BLK_S_* status, or STATUS_IN_FLIGHT; *data_len gets the
+ * bytes a read put in the guest's buffers. */
 static int do_read_write(struct svpy_blk *blk, const struct request_header *header,
-                         bool write, uint32_t *written)
+                         bool write, uint32_t *data_len)
 {
     struct svpy_chain *chain = &blk->chain;
+    /* 64-bit sums: 1024 buffers of up to 4 GiB each cannot wrap them. */
     uint64_t len = write ? chain->readable_bytes - sizeof(*header) : chain->writable_bytes - 1;
     int iovcnt;
 
-    if (len % SVPY_SECTOR_SIZE || blk->fd < 0)
+    if (len > SVPY_BLK_MAX_REQUEST_BYTES || len % SVPY_SECTOR_SIZE || blk->fd < 0)
         return VIRTIO_BLK_S_IOERR;
     if (write && blk->read_only)
         return VIRTIO_BLK_S_IOERR;
@@ -144,11 +170,12 @@ static int do_read_write(struct svpy_blk *blk, const struct request_header *head
         iovcnt = slice(blk, chain->readable, chain->writable, 0, len);
     if (iovcnt < 0)
         return VIRTIO_BLK_S_IOERR;
+    blk->pass_bytes += len;
     if (len && blk->aio && blk->fd != blk->buffered_fd) {
         int ret = submit_aio(blk, write, iovcnt, header->sector * SVPY_SECTOR_SIZE, len);
 
         if (ret == 0)
-            return REQUEST_IN_FLIGHT;
+            return STATUS_IN_FLIGHT;
         /* Not accepted by AIO (e.g. misaligned for O_DIRECT): served below. */
     }
     if (len && transfer(blk, write, blk->data_iov, iovcnt,
@@ -158,12 +185,12 @@ static int do_read_write(struct svpy_blk *blk, const struct request_header *head
         blk->stats.written_bytes += len;
     } else {
         blk->stats.read_bytes += len;
-        *written += (uint32_t)len;
+        *data_len = (uint32_t)len;
     }
     return VIRTIO_BLK_S_OK;
 }
 
-static uint8_t do_get_id(struct svpy_blk *blk, uint32_t *written)
+static uint8_t do_get_id(struct svpy_blk *blk, uint32_t *data_len)
 {
     uint64_t room = blk->chain.writable_bytes - 1;
     uint64_t len = room < SVPY_BLK_ID_BYTES ? room : SVPY_BLK_ID_BYTES;
@@ -176,7 +203,7 @@ static uint8_t do_get_id(struct svpy_blk *blk, uint32_t *written)
         memcpy(blk->data_iov[i].iov_base, source, blk->data_iov[i].iov_len);
         source += blk->data_iov[i].iov_len;
     }
-    *written += (uint32_t)len;
+    *data_len = (uint32_t)len;
     return VIRTIO_BLK_S_OK;
 }
 
@@ -198,26 +225,65 @@ static int zero_by_writing(struct svpy_blk *blk, uint64_t offset, uint64_t len)
     return 0;
 }
 
-static uint8_t do_discard(struct svpy_blk *blk, const struct request_header *header)
+/* The status a DISCARD / WRITE_ZEROES segment gets before any work: the
+ * advertised limits and the flag rules of virtio 1.2 §5.2.6.2, with QEMU's
+ * choice of status for each (too long or out of range: IOERR; unknown flags,
+ * or UNMAP on a discard: UNSUPP). */
+static uint8_t check_segment(const struct svpy_blk *blk, const struct discard_segment *segment,
+                             bool zeroes)
+{
+    uint32_t max_sectors = zeroes ? SVPY_BLK_MAX_WRITE_ZEROES_SECTORS
+                                  : SVPY_BLK_MAX_DISCARD_SECTORS;
+
+    if (segment->num_sectors > max_sectors || !in_range(blk, segment->sector,
+                                                        segment->num_sectors))
+        return VIRTIO_BLK_S_IOERR;
+    if (segment->flags & ~(uint32_t)VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+        return VIRTIO_BLK_S_UNSUPP;
+    if (!zeroes && (segment->flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+        return VIRTIO_BLK_S_UNSUPP;
+    return VIRTIO_BLK_S_OK;
+}
+
+_Static_assert(SVPY_BLK_MAX_WRITE_ZEROES_SEGMENTS <= SVPY_BLK_MAX_DISCARD_SEGMENTS,
+               "do_discard holds either request's segments");
+
+/* Every segment is read and checked before any is carried out: a refused
+ * request changes nothing. */
+static uint8_t do_discard(struct svpy_blk *blk, const struct request_header *header,
+                          struct chain_reader *payload_reader)
 {
     bool zeroes = header->type == VIRTIO_BLK_T_WRITE_ZEROES;
     uint64_t payload = blk->chain.readable_bytes - sizeof(*header);
+    uint64_t max_segments = zeroes ? SVPY_BLK_MAX_WRITE_ZEROES_SEGMENTS
+                                   : SVPY_BLK_MAX_DISCARD_SEGMENTS;
+    struct discard_segment segments[SVPY_BLK_MAX_DISCARD_SEGMENTS];
+    uint64_t count;
 
     if (!(zeroes ? blk->write_zeroes : blk->discard))
         return VIRTIO_BLK_S_UNSUPP;
-    if (blk->read_only || blk->fd < 0 || payload == 0 || payload % sizeof(struct discard_segment))
+    if (payload == 0 || payload % sizeof(struct discard_segment))
         return VIRTIO_BLK_S_IOERR;
-    for (uint64_t offset = sizeof(*header); offset < blk->chain.readable_bytes;
-         offset += sizeof(struct discard_segment)) {
-        struct discard_segment segment;
+    count = payload / sizeof(struct discard_segment);
+    if (count > max_segments)
+        return VIRTIO_BLK_S_UNSUPP;
+    if (blk->read_only || blk->fd < 0)
+        return VIRTIO_BLK_S_IOERR;
+    for (uint64_t i = 0; i < count; i++) {
+        uint8_t status;
+
+        if (!read_next(payload_reader, &segments[i], sizeof(segments[i])))
+            return VIRTIO_BLK_S_IOERR;
+        status = check_segment(blk, &segments[i], zeroes);
+        if (status != VIRTIO_BLK_S_OK)
+            return status;
+    }
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t start = segments[i].sector * SVPY_SECTOR_SIZE;
+        uint64_t len = (uint64_t)segments[i].num_sectors * SVPY_SECTOR_SIZE;
         int mode;
 
-        if (gather(&blk->chain, offset, &segment, sizeof(segment)) < 0
-            || !in_range(blk, segment.sector, segment.num_sectors))
-            return VIRTIO_BLK_S_IOERR;
-        uint64_t start = segment.sector * SVPY_SECTOR_SIZE;
-        uint64_t len = (uint64_t)segment.num_sectors * SVPY_SECTOR_SIZE;
-        if (!zeroes || (segment.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+        if (!zeroes || (segments[i].flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
         else
             mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
@@ -225,6 +291,7 @@ static uint8_t do_discard(struct svpy_blk *blk, const struct request_header *hea
             /* Discard is a hint; zeroes must be zeroes whatever the file system. */
             if (!zeroes)
                 continue;
+            blk->pass_bytes += len;
             if (zero_by_writing(blk, start, len) < 0)
                 return VIRTIO_BLK_S_IOERR;
         }
@@ -232,25 +299,26 @@ static uint8_t do_discard(struct svpy_blk *blk, const struct request_header *hea
     return VIRTIO_BLK_S_OK;
 }
 
-/* Handles one chain; returns the used length, or -1 if it cannot be answered. */
-static int handle_request(struct svpy_blk *blk)
+/* Serves the popped chain; with REQUEST_ANSWERED, *used_len is what to push. */
+static enum request_outcome handle_request(struct svpy_blk *blk, uint32_t *used_len)
 {
     struct svpy_chain *chain = &blk->chain;
+    struct chain_reader reader = readable_part(chain);
     struct request_header header;
-    uint32_t written = 1; /* the status byte */
+    uint32_t data_len = 0; /* bytes the device wrote before the status byte */
     int status;
 
     if (chain->writable == 0)
-        return -1; /* nowhere to put a status: the driver broke the protocol */
-    if (gather(chain, 0, &header, sizeof(header)) < 0) {
+        return REQUEST_MALFORMED;
+    if (!read_next(&reader, &header, sizeof(header))) {
         status = VIRTIO_BLK_S_IOERR;
         goto done;
     }
     switch (header.type) {
     case VIRTIO_BLK_T_IN:
     case VIRTIO_BLK_T_OUT:
-        status = do_read_write(blk, &header, header.type == VIRTIO_BLK_T_OUT, &written);
-        if (status == REQUEST_IN_FLIGHT)
+        status = do_read_write(blk, &header, header.type == VIRTIO_BLK_T_OUT, &data_len);
+        if (status == STATUS_IN_FLIGHT)
             return REQUEST_IN_FLIGHT;
         break;
     case VIRTIO_BLK_T_FLUSH:
@@ -259,11 +327,11 @@ static int handle_request(struct svpy_blk *blk)
         status = blk->fd >= 0 && fdatasync(blk->fd) < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
         break;
     case VIRTIO_BLK_T_GET_ID:
-        status = do_get_id(blk, &written);
+        status = do_get_id(blk, &data_len);
         break;
     case VIRTIO_BLK_T_DISCARD:
     case VIRTIO_BLK_T_WRITE_ZEROES:
-        status = do_discard(blk, &header);
+        status = do_discard(blk, &header, &reader);
         break;
     default:
         status = VIRTIO_BLK_S_UNSUPP;
@@ -273,24 +341,40 @@ done:
         blk->stats.errors++;
     blk->stats.requests++;
     *status_byte(chain) = (uint8_t)status;
-    return (int)written;
+    *used_len = (status == VIRTIO_BLK_S_OK ? data_len : 0) + 1;
+    return REQUEST_ANSWERED;
+}
+
+static bool pass_budget_spent(const struct svpy_blk *blk, unsigned requests)
+{
+    return requests >= SVPY_BLK_PASS_MAX_REQUESTS || blk->pass_bytes >= SVPY_BLK_PASS_MAX_BYTES;
 }
 
 void svpy_blk_process(struct svpy_blk *blk)
 {
     struct svpy_virtqueue *vq = &blk->vq;
     bool completed = false;
+    unsigned requests = 0;
 
     if (!vq->active || __atomic_load_n(&blk->shared.broken, __ATOMIC_SEQ_CST))
         return;
+    blk->pass_bytes = 0;
     do {
         svpy_vq_disable_notify(vq);
         for (;;) {
-            int ret, written;
+            uint32_t used_len;
+            int ret;
 
             /* No free AIO slot: completions will call us again. */
             if (blk->inflight == SVPY_BLK_AIO_DEPTH)
                 goto out;
+            if (pass_budget_spent(blk, requests)) {
+                /* The rest waits for the I/O thread's next turn, after the
+                 * other devices and whoever waits for this device's lock. */
+                blk->stats.yields++;
+                svpy_eventfd_signal(blk->kick.fd);
+                goto out;
+            }
             ret = svpy_vq_pop(vq, blk->mem, &blk->chain);
             if (ret == 0)
                 break;
@@ -298,14 +382,17 @@ void svpy_blk_process(struct svpy_blk *blk)
                 svpy_mark_broken(&blk->shared, ret);
                 goto out;
             }
-            written = handle_request(blk);
-            if (written == REQUEST_IN_FLIGHT)
+            requests++;
+            switch (handle_request(blk, &used_len)) {
+            case REQUEST_IN_FLIGHT:
                 continue;
-            if (written < 0) {
+            case REQUEST_MALFORMED:
                 svpy_mark_broken(&blk->shared, SVPY_VQ_ERR_REQUEST);
                 goto out;
+            case REQUEST_ANSWERED:
+                break;
             }
-            svpy_vq_push(vq, blk->chain.head, (uint32_t)written);
+            svpy_vq_push(vq, blk->chain.head, used_len);
             completed = true;
         }
     } while (svpy_vq_enable_notify(vq));
@@ -409,6 +496,24 @@ static void complete_request(struct svpy_blk *blk, struct svpy_blk_request *requ
     blk->inflight--;
 }
 
+/* io_getevents failed for another reason than a signal: the context is
+ * unusable (EINVAL, EFAULT) and nothing in flight will ever be reported.
+ * Rather than wait forever, fail those requests and serve the next ones
+ * without AIO. */
+static unsigned abandon_aio(struct svpy_blk *blk, int push)
+{
+    unsigned failed = 0;
+
+    for (unsigned i = 0; i < SVPY_BLK_AIO_DEPTH; i++) {
+        if (blk->requests[i].in_use) {
+            complete_request(blk, &blk->requests[i], -EIO, push);
+            failed++;
+        }
+    }
+    blk->aio = 0;
+    return failed;
+}
+
 /* Collects finished requests; waits for at least `wait_for` of them. */
 static unsigned reap(struct svpy_blk *blk, long wait_for, int push)
 {
@@ -421,6 +526,8 @@ static unsigned reap(struct svpy_blk *blk, long wait_for, int push)
         count = io_getevents_(blk->aio, wait_for, SVPY_BLK_AIO_DEPTH, events,
                               wait_for ? NULL : &no_wait);
     } while (count < 0 && errno == EINTR);
+    if (count < 0)
+        return abandon_aio(blk, push);
     for (long i = 0; i < count; i++) {
         struct svpy_blk_request *request = (void *)(uintptr_t)events[i].data;
 
@@ -434,6 +541,7 @@ void svpy_blk_drain(struct svpy_blk *blk, int complete)
 {
     unsigned completed = 0;
 
+    /* Ends: each reap completes at least one request or turns AIO off. */
     while (blk->aio && blk->inflight)
         completed += reap(blk, (long)blk->inflight, complete && blk->vq.active);
     if (completed && complete && svpy_vq_should_interrupt(&blk->vq))

@@ -24,11 +24,38 @@
 #define VIRTIO_BLK_S_UNSUPP 2
 #define VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP 1
 
+/* What the device advertises in its config space, and enforces.
+ *
+ * A read or write carries at most SVPY_BLK_MAX_REQUEST_BYTES of data; larger
+ * ones get IOERR before any I/O.  That bounds the time one request holds the
+ * device lock, keeps the used length far from 32-bit overflow, and keeps every
+ * transfer below the kernel's cap on one read/write (0x7ffff000 bytes), which
+ * would cut an O_DIRECT AIO request short.  seg_max * size_max stays within it,
+ * so a driver that follows the advertised limits never meets it. */
+#define SVPY_BLK_SEG_MAX 126
+#define SVPY_BLK_SIZE_MAX (256u << 10)
+#define SVPY_BLK_MAX_REQUEST_BYTES (32u << 20)
+_Static_assert((uint64_t)SVPY_BLK_SEG_MAX * SVPY_BLK_SIZE_MAX <= SVPY_BLK_MAX_REQUEST_BYTES,
+               "a request within seg_max and size_max must be served");
+/* Discard punches holes (file system metadata work); write-zeroes may fall back
+ * to writing zeros, so it gets the same bound as a write. */
+#define SVPY_BLK_MAX_DISCARD_SECTORS (1u << 22)
+#define SVPY_BLK_MAX_DISCARD_SEGMENTS 16
+#define SVPY_BLK_MAX_WRITE_ZEROES_SECTORS (SVPY_BLK_MAX_REQUEST_BYTES / SVPY_SECTOR_SIZE)
+#define SVPY_BLK_MAX_WRITE_ZEROES_SEGMENTS 1
+
+/* One pass over the queue stops after this much work, then re-queues itself on
+ * the I/O thread, so that a guest that keeps the ring full cannot keep the
+ * device lock (and the thread, and the other disks) forever. */
+#define SVPY_BLK_PASS_MAX_REQUESTS 256
+#define SVPY_BLK_PASS_MAX_BYTES (64u << 20)
+
 struct svpy_blk_stats {
     uint64_t requests;
     uint64_t read_bytes;
     uint64_t written_bytes;
     uint64_t errors;
+    uint64_t yields; /* passes that stopped at the work budget and re-queued the rest */
 };
 
 /* Requests in flight at once with O_DIRECT (Linux AIO). */
@@ -60,6 +87,7 @@ struct svpy_blk {
     uint8_t write_zeroes; /* VIRTIO_BLK_F_WRITE_ZEROES negotiated */
     char serial[SVPY_BLK_ID_BYTES];
     struct svpy_blk_stats stats;
+    uint64_t pass_bytes; /* data moved in the current pass (its work budget) */
     struct svpy_chain chain;
     struct iovec data_iov[SVPY_CHAIN_MAX_SEGMENTS];
     /* O_DIRECT reads and writes go through Linux AIO so that many are in
@@ -78,7 +106,9 @@ int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread);
 /* Drains the queue; the caller holds blk->shared.lock. */
 void svpy_blk_process(struct svpy_blk *blk);
 /* Waits for requests in flight (lock held).  With `complete`, they are
- * answered in the used ring; without (device reset), they are forgotten. */
+ * answered in the used ring; without (device reset), they are forgotten.  If
+ * Linux AIO stops answering (io_getevents fails), the requests in flight fail
+ * with IOERR and the device goes on without AIO. */
 void svpy_blk_drain(struct svpy_blk *blk, int complete);
 /* Without AIO (e.g. the host's aio-max-nr is used up) requests are synchronous. */
 int svpy_blk_enable_aio(struct svpy_blk *blk);

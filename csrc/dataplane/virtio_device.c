@@ -1,8 +1,9 @@
 #include "virtio_device.h"
 
-#include <errno.h>
 #include <stdint.h>
-#include <unistd.h>
+
+#include "eventfd.h"
+#include "virtqueue.h"
 
 int svpy_shared_init(struct svpy_virtio_shared *shared, int irqfd, int error_fd)
 {
@@ -18,20 +19,11 @@ void svpy_shared_destroy(struct svpy_virtio_shared *shared)
     pthread_mutex_destroy(&shared->lock);
 }
 
-static void signal_eventfd(int fd)
-{
-    uint64_t one = 1;
-
-    /* EAGAIN means the counter is saturated: the event is pending anyway. */
-    while (write(fd, &one, sizeof(one)) < 0 && errno == EINTR)
-        ;
-}
-
 void svpy_raise_interrupt(struct svpy_virtio_shared *shared, uint32_t cause)
 {
     __atomic_fetch_or(&shared->interrupt_status, cause, __ATOMIC_SEQ_CST);
     if (shared->irqfd >= 0)
-        signal_eventfd(shared->irqfd);
+        svpy_eventfd_signal(shared->irqfd);
 }
 
 uint32_t svpy_read_interrupt_status(struct svpy_virtio_shared *shared)
@@ -52,7 +44,7 @@ void svpy_mark_broken(struct svpy_virtio_shared *shared, int error)
         error = -error;
     if (__atomic_compare_exchange_n(&shared->broken, &expected, error, 0, __ATOMIC_SEQ_CST,
                                     __ATOMIC_SEQ_CST) && shared->error_fd >= 0)
-        signal_eventfd(shared->error_fd);
+        svpy_eventfd_signal(shared->error_fd);
 }
 
 void svpy_lock(struct svpy_virtio_shared *shared)
@@ -63,4 +55,13 @@ void svpy_lock(struct svpy_virtio_shared *shared)
 void svpy_unlock(struct svpy_virtio_shared *shared)
 {
     pthread_mutex_unlock(&shared->lock);
+}
+
+const char *svpy_device_error_name(int error)
+{
+    if (error < 0)
+        error = -error;
+    if (error == SVPY_DEV_ERR_STATUS_CLEARED)
+        return "the driver cleared a device status bit (only a write of 0 resets)";
+    return svpy_vq_error_name(error);
 }

@@ -90,11 +90,21 @@ static int add_buffer(struct svpy_chain *chain, const struct svpy_guest_memory *
     return 0;
 }
 
+/* Copies one descriptor out of guest memory.  Indirect tables may sit at any
+ * address (the spec asks no alignment of them), so this copies bytes instead
+ * of dereferencing a struct pointer; the barrier keeps the compiler from
+ * reading guest memory again later in place of the copy (read once). */
+static void read_desc(const uint8_t *slot, struct virtq_desc *desc)
+{
+    memcpy(desc, slot, sizeof(*desc));
+    __asm__ __volatile__("" ::: "memory");
+}
+
 /* Walks an indirect table: its own index space, no nesting, bounded length. */
 static int walk_indirect(struct svpy_chain *chain, const struct svpy_guest_memory *mem,
                          uint64_t table_gpa, uint32_t table_len, unsigned *segments)
 {
-    const struct virtq_desc *table;
+    const uint8_t *table;
     uint32_t count, index = 0, steps = 0;
 
     if (table_len == 0 || table_len % sizeof(struct virtq_desc))
@@ -103,27 +113,25 @@ static int walk_indirect(struct svpy_chain *chain, const struct svpy_guest_memor
     if (count > SVPY_CHAIN_MAX_SEGMENTS)
         return -SVPY_VQ_ERR_INDIRECT;
     table = svpy_translate(mem, table_gpa, table_len);
-    if (!table || (table_gpa & 15))
+    if (!table)
         return -SVPY_VQ_ERR_INDIRECT;
     for (;;) {
-        uint64_t addr = READ_ONCE(table[index].addr);
-        uint32_t len = READ_ONCE(table[index].len);
-        uint16_t flags = READ_ONCE(table[index].flags);
-        uint16_t next = READ_ONCE(table[index].next);
+        struct virtq_desc desc;
         int ret;
 
-        if (flags & VIRTQ_DESC_F_INDIRECT)
+        read_desc(table + (size_t)index * sizeof(desc), &desc);
+        if (desc.flags & VIRTQ_DESC_F_INDIRECT)
             return -SVPY_VQ_ERR_INDIRECT;
-        ret = add_buffer(chain, mem, addr, len, flags, segments);
+        ret = add_buffer(chain, mem, desc.addr, desc.len, desc.flags, segments);
         if (ret)
             return ret;
-        if (!(flags & VIRTQ_DESC_F_NEXT))
+        if (!(desc.flags & VIRTQ_DESC_F_NEXT))
             return 0;
         if (++steps >= count)
             return -SVPY_VQ_ERR_CHAIN_TOO_LONG;
-        if (next >= count)
+        if (desc.next >= count)
             return -SVPY_VQ_ERR_NEXT_INDEX;
-        index = next;
+        index = desc.next;
     }
 }
 
@@ -150,33 +158,30 @@ int svpy_vq_pop(struct svpy_virtqueue *vq, const struct svpy_guest_memory *mem,
     chain->readable_bytes = chain->writable_bytes = 0;
     index = head;
     for (;;) {
-        const struct virtq_desc *desc = &vq->desc[index];
-        uint64_t addr = READ_ONCE(desc->addr);
-        uint32_t len = READ_ONCE(desc->len);
-        uint16_t flags = READ_ONCE(desc->flags);
-        uint16_t next = READ_ONCE(desc->next);
+        struct virtq_desc desc;
         int ret;
 
-        if (flags & VIRTQ_DESC_F_INDIRECT) {
+        read_desc((const uint8_t *)&vq->desc[index], &desc);
+        if (desc.flags & VIRTQ_DESC_F_INDIRECT) {
             /* An indirect descriptor must be the chain's only one (§2.7.5.3). */
-            if (!vq->indirect || (flags & VIRTQ_DESC_F_NEXT) || steps)
+            if (!vq->indirect || (desc.flags & VIRTQ_DESC_F_NEXT) || steps)
                 return -SVPY_VQ_ERR_INDIRECT;
-            ret = walk_indirect(chain, mem, addr, len, &segments);
+            ret = walk_indirect(chain, mem, desc.addr, desc.len, &segments);
             if (ret)
                 return ret;
             break;
         }
-        ret = add_buffer(chain, mem, addr, len, flags, &segments);
+        ret = add_buffer(chain, mem, desc.addr, desc.len, desc.flags, &segments);
         if (ret)
             return ret;
-        if (!(flags & VIRTQ_DESC_F_NEXT))
+        if (!(desc.flags & VIRTQ_DESC_F_NEXT))
             break;
         /* A chain longer than the queue must contain a loop. */
         if (++steps >= vq->size)
             return -SVPY_VQ_ERR_CHAIN_TOO_LONG;
-        if (next >= vq->size)
+        if (desc.next >= vq->size)
             return -SVPY_VQ_ERR_NEXT_INDEX;
-        index = next;
+        index = desc.next;
     }
     vq->last_avail_idx++;
     return 1;

@@ -32,6 +32,7 @@ void blk_options_from_cmdline(struct blk_options *opts)
     const char *cl = boot_info.cmdline;
     opts->event_idx = cmdline_get_u64(cl, "svtest.event_idx", 1) != 0;
     opts->indirect = cmdline_get_u64(cl, "svtest.indirect", 1) != 0;
+    opts->discard = false;
     opts->queue_size = (uint16_t)cmdline_get_u64(cl, "svtest.queue_size", BLK_QUEUE_SIZE);
     opts->timeout_ms = (unsigned)cmdline_get_u64(cl, "svtest.timeout_ms", 5000);
 }

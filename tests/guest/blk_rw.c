@@ -20,7 +20,8 @@
 #define POISON 0xdb
 #define MIN_CAPACITY 1024 /* sectors: the fixed regions below end at sector 480 */
 
-enum indirect_use { DIRECT, INDIRECT, INDIRECT_IF_NEGOTIATED };
+/* INDIRECT_AT_8: the table 8-byte aligned, not 16 (as Linux with SLOB has them). */
+enum indirect_use { DIRECT, INDIRECT, INDIRECT_AT_8, INDIRECT_IF_NEGOTIATED };
 
 struct layout {
     const char *name;
@@ -44,6 +45,8 @@ static const struct layout L_ODD4 = { "4seg-odd-sizes", 4, odd4, true, DIRECT };
 static const struct layout L_IND12 = { "indirect-12seg", 12, NULL, true, INDIRECT };
 static const struct layout L_IND13 = { "indirect-13seg-odd", 13, odd13, true, INDIRECT };
 static const struct layout L_IND1 = { "indirect-1seg", 1, NULL, false, INDIRECT };
+static const struct layout L_IND3_AT8 = { "indirect-3seg-table-at-8", 3, NULL, true,
+                                          INDIRECT_AT_8 };
 static const struct layout L_2SEG_IND = { "2seg-indirect-if-negotiated", 2, NULL, true,
                                           INDIRECT_IF_NEGOTIATED };
 
@@ -64,6 +67,7 @@ static const struct rw_step steps[] = {
     { "4k-odd-write", 310, 4096, &L_ODD4, &L_1SEG, 1 },
     { "48k-indirect", 320, 49152, &L_IND12, &L_IND13, 1 },
     { "4k-indirect-1seg", 420, 4096, &L_IND1, &L_IND1, 1 },
+    { "4k-indirect-table-at-8", 432, 4096, &L_IND3_AT8, &L_IND3_AT8, 1 },
     { "64k-overwrite", 16, 65536, &L_4SEG, &L_1SEG, 2 },
     { "last-8-sectors", -8, 4096, &L_2SEG_IND, &L_1SEG_ODD, 1 },
     { "last-sector", -1, 512, &L_1SEG, &L_1SEG, 2 },
@@ -80,7 +84,7 @@ struct region {
 
 static const struct region reverify[] = {
     { 0, 1 },   { 1, 8 },   { 16, 8 }, { 136, 8 }, { 300, 8 },
-    { 310, 8 }, { 448, 32 }, { -8, 7 }, { -1, 1 },
+    { 310, 8 }, { 432, 8 }, { 448, 32 }, { -8, 7 }, { -1, 1 },
 };
 
 #define STEP_COUNT (sizeof(steps) / sizeof(steps[0]))
@@ -158,7 +162,7 @@ static unsigned build_segs(const struct layout *l, uint8_t *logical, uint32_t le
         *skip = n + 2 > dev.vq.size ? "queue-size" : n > BLK_MAX_SEGS ? "driver-limit" : "seg-max";
         return 0;
     }
-    if (l->indirect == INDIRECT && !dev.indirect) {
+    if ((l->indirect == INDIRECT || l->indirect == INDIRECT_AT_8) && !dev.indirect) {
         *skip = "indirect-not-negotiated";
         return 0;
     }
@@ -190,8 +194,8 @@ static int transfer(uint32_t type, uint64_t sector, uint8_t *logical, uint32_t l
     unsigned n = build_segs(l, logical, len, segs, skip);
     if (!n)
         return 0;
-    bool indirect =
-        l->indirect == INDIRECT || (l->indirect == INDIRECT_IF_NEGOTIATED && dev.indirect);
+    bool indirect = l->indirect == INDIRECT || l->indirect == INDIRECT_AT_8 ||
+                    (l->indirect == INDIRECT_IF_NEGOTIATED && dev.indirect);
     uint32_t at = 0;
     for (unsigned i = 0; i < n; i++) {
         if (type == VIRTIO_BLK_T_OUT && l->scatter)
@@ -200,7 +204,9 @@ static int transfer(uint32_t type, uint64_t sector, uint8_t *logical, uint32_t l
             mem_fill(segs[i].buf, POISON, segs[i].len);
         at += segs[i].len;
     }
+    dev.table_offset = l->indirect == INDIRECT_AT_8 ? 8 : 0;
     int st = blk_do(&dev, type, sector, segs, n, indirect);
+    dev.table_offset = 0;
     if (st == VIRTIO_BLK_S_OK && type != VIRTIO_BLK_T_OUT && l->scatter) {
         at = 0;
         for (unsigned i = 0; i < n; i++) {

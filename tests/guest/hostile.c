@@ -1,18 +1,22 @@
 /*
  * svtest.action=hostile: a guest that breaks the virtqueue rules on purpose.
  *
- * svtest.hostile=<case>|all, svtest.blk=<index> (a disk with at least 16 sectors).
- * For each case: reset and initialise the disk normally, write one malformed
- * request straight into the rings, notify, then poll (used idx in memory every
- * iteration; Status every millisecond) for at most svtest.hostile_ms (default
- * 500) milliseconds, until the device answers (used idx moves) or marks itself
- * broken (DEVICE_NEEDS_RESET).  Then report what the device did, check that it
- * wrote nothing it must not (canaries around the buffers, descriptor table, avail
- * ring, indirect tables), reset it, initialise it again and run one 4 KiB
- * write + read + verify.
+ * svtest.hostile=<case>|all, svtest.blk=<index> (a disk with at least 16 sectors;
+ * read-2g-aliased needs 2 GiB).  For each case: reset and initialise the disk
+ * normally, write one malformed request straight into the rings, notify, then
+ * poll (used idx in memory every iteration; Status every millisecond) for at most
+ * svtest.hostile_ms (default 500) milliseconds, until the device answers (used
+ * idx moves) or marks itself broken (DEVICE_NEEDS_RESET).  Then report what the
+ * device did, check that it wrote nothing it must not (canaries around the
+ * buffers, descriptor table, avail ring, indirect tables), reset it, initialise it
+ * again and run one 4 KiB write + read + verify.  With svtest.hostile_other=<index>,
+ * the same check then runs on that other disk.  svtest.hostile_end=halt leaves the
+ * guest halted after the last case instead of resetting (for the host to go on
+ * talking to the monitor).
  *
- * The requests are reads (VIRTIO_BLK_T_IN) of sector 0 into 512-byte buffers, so
- * a device that does serve one only writes guest buffers.
+ * The requests are reads (VIRTIO_BLK_T_IN) of sector 0 into 512-byte buffers
+ * (or DISCARDs of sector 0), so a device that does serve one only writes guest
+ * buffers.
  */
 #include "actions.h"
 #include "blk_actions.h"
@@ -20,6 +24,7 @@
 #include "cmdline.h"
 #include "guestmem.h"
 #include "io.h"
+#include "platform.h"
 #include "printf.h"
 #include "string.h"
 #include "tsc.h"
@@ -32,6 +37,7 @@
 #define CANARY 0xc5
 #define STATUS_POLL_US 1000
 #define GRACE_MS 20
+#define NO_OTHER_DISK ~0ull
 
 /* Buffers of the malformed requests, with canary bytes between them. */
 #define H_HDR 0x100
@@ -54,12 +60,31 @@ static const struct {
     { H_DATA1, H_DATA1 + 512 },
 };
 
+/* discard-aliased: a table of ALIASES + 2 entries, ALIASES of them naming one
+ * page of DISCARD segments (256000 segments in all). */
+#define ALIASES 1000
+static struct vq_desc alias_table[ALIASES + 2] __attribute__((aligned(16))) NOINIT;
+static uint8_t segment_page[4096] __attribute__((aligned(4096))) NOINIT;
+
+/* read-2g-aliased: READ_ALIASES buffers of READ_ALIAS_BYTES, all at READ_ALIAS_ADDR
+ * (guest RAM this program does not use), 2 GiB in all. */
+#define READ_ALIAS_ADDR (16ull << 20)
+#define READ_ALIAS_BYTES (64u << 20)
+#define READ_ALIASES 32
+#define READ_ALIAS_POISON 0x77
+#define READ_ALIAS_CHECKED 4096
+
 static struct blk_dev dev NOINIT;
+static struct blk_dev other_dev NOINIT;
 static struct blk_options opts;
 
 struct hostile_case {
     const char *name;
     void (*build)(struct virtq *vq);
+    /* Optional: why the case cannot run on this machine (NULL: it can). */
+    const char *(*unusable)(void);
+    /* Optional: more "key=value" facts for the report line. */
+    void (*check)(char *out, size_t size);
 };
 
 static uint64_t addr(uint32_t off)
@@ -247,24 +272,98 @@ static void build_short_header(struct virtq *vq)
     vq_publish(vq, 0);
 }
 
+/* DISCARD with ALIASES descriptors of 4 KiB, all naming one page of segments. */
+static void build_discard_aliased(struct virtq *vq)
+{
+    struct blk_req_header *hdr = (struct blk_req_header *)(hmem + H_HDR);
+    struct { uint64_t sector; uint32_t num_sectors, flags; } segment = { 0, 1, 0 };
+    hdr->type = VIRTIO_BLK_T_DISCARD;
+    for (size_t off = 0; off < sizeof(segment_page); off += sizeof(segment))
+        mem_copy(segment_page + off, &segment, sizeof(segment));
+    put_hdr(&alias_table[0], 1);
+    for (uint16_t i = 1; i <= ALIASES; i++)
+        put(&alias_table[i], (uintptr_t)segment_page, sizeof(segment_page), VQ_DESC_F_NEXT,
+            (uint16_t)(i + 1));
+    put_status(&alias_table[ALIASES + 1]);
+    indirect_head(vq, (uintptr_t)alias_table, sizeof(alias_table));
+}
+
+static const char *read_2g_unusable(void)
+{
+    if (guest_ram_top_below_4g() < READ_ALIAS_ADDR + READ_ALIAS_BYTES)
+        return "ram";
+    if (dev.capacity < (uint64_t)READ_ALIASES * READ_ALIAS_BYTES / BLK_SECTOR_SIZE)
+        return "capacity";
+    return NULL;
+}
+
+/* A 2 GiB read of sector 0: READ_ALIASES buffers that all alias one area. */
+static void build_read_2g_aliased(struct virtq *vq)
+{
+    struct vq_desc *t = table(H_TABLE);
+    mem_fill((void *)(uintptr_t)READ_ALIAS_ADDR, READ_ALIAS_POISON, READ_ALIAS_CHECKED);
+    put_hdr(&t[0], 1);
+    for (uint16_t i = 1; i <= READ_ALIASES; i++)
+        put(&t[i], READ_ALIAS_ADDR, READ_ALIAS_BYTES, VQ_DESC_F_WRITE | VQ_DESC_F_NEXT,
+            (uint16_t)(i + 1));
+    put_status(&t[READ_ALIASES + 1]);
+    indirect_head(vq, addr(H_TABLE), (READ_ALIASES + 2) * (uint32_t)sizeof(struct vq_desc));
+}
+
+/* alias-intact=1: the start of the aliased area still holds the poison (no data landed). */
+static void check_read_2g_aliased(char *out, size_t size)
+{
+    const uint8_t *area = (const uint8_t *)(uintptr_t)READ_ALIAS_ADDR;
+    size_t n = 0;
+    while (n < READ_ALIAS_CHECKED && area[n] == READ_ALIAS_POISON)
+        n++;
+    ksnprintf(out, size, " alias-intact=%d", n == READ_ALIAS_CHECKED);
+}
+
+/*
+ * A valid read, served; then Status written with DRIVER_OK cleared and set again.
+ * Only a write of 0 resets a device: a device that took the second write as a new
+ * DRIVER_OK would serve the read once more (the status byte, preset to 0xff again,
+ * would change).
+ */
+static void build_driver_ok_toggle(struct virtq *vq)
+{
+    const struct virtio_mmio_dev *m = dev.mmio;
+    valid_chain(vq);
+    vq_publish(vq, 0);
+    mb();
+    vm_notify(m, 0);
+    uint64_t deadline = tsc_deadline_ms(GRACE_MS * 10);
+    while (vq_used_idx(vq) == 0 && !tsc_passed(deadline))
+        cpu_relax();
+    vm_ack_interrupts(m);
+    hmem[H_STATUS] = 0xff;
+    uint32_t status = vm_status(m);
+    vm_write(m, VIRTIO_MMIO_STATUS, status & ~VIRTIO_STATUS_DRIVER_OK);
+    vm_write(m, VIRTIO_MMIO_STATUS, status);
+}
+
 static const struct hostile_case cases[] = {
-    { "desc-loop", build_desc_loop },
-    { "chain-too-long", build_chain_too_long },
-    { "oob-addr", build_oob_addr },
-    { "addr-overflow", build_addr_overflow },
-    { "huge-len", build_huge_len },
-    { "bad-next", build_bad_next },
-    { "indirect-loop", build_indirect_loop },
-    { "indirect-oob", build_indirect_oob },
-    { "indirect-bad-len", build_indirect_bad_len },
-    { "indirect-zero-len", build_indirect_zero_len },
-    { "indirect-oversized", build_indirect_oversized },
-    { "nested-indirect", build_nested_indirect },
-    { "avail-idx-jump", build_avail_idx_jump },
-    { "bad-head", build_bad_head },
-    { "status-readonly", build_status_readonly },
-    { "no-status", build_no_status },
-    { "short-header", build_short_header },
+    { "desc-loop", build_desc_loop, NULL, NULL },
+    { "chain-too-long", build_chain_too_long, NULL, NULL },
+    { "oob-addr", build_oob_addr, NULL, NULL },
+    { "addr-overflow", build_addr_overflow, NULL, NULL },
+    { "huge-len", build_huge_len, NULL, NULL },
+    { "bad-next", build_bad_next, NULL, NULL },
+    { "indirect-loop", build_indirect_loop, NULL, NULL },
+    { "indirect-oob", build_indirect_oob, NULL, NULL },
+    { "indirect-bad-len", build_indirect_bad_len, NULL, NULL },
+    { "indirect-zero-len", build_indirect_zero_len, NULL, NULL },
+    { "indirect-oversized", build_indirect_oversized, NULL, NULL },
+    { "nested-indirect", build_nested_indirect, NULL, NULL },
+    { "avail-idx-jump", build_avail_idx_jump, NULL, NULL },
+    { "bad-head", build_bad_head, NULL, NULL },
+    { "status-readonly", build_status_readonly, NULL, NULL },
+    { "no-status", build_no_status, NULL, NULL },
+    { "short-header", build_short_header, NULL, NULL },
+    { "discard-aliased", build_discard_aliased, NULL, NULL },
+    { "read-2g-aliased", build_read_2g_aliased, read_2g_unusable, check_read_2g_aliased },
+    { "driver-ok-toggle", build_driver_ok_toggle, NULL, NULL },
 };
 #define CASE_COUNT (sizeof(cases) / sizeof(cases[0]))
 
@@ -301,11 +400,31 @@ static int32_t clobbered(void)
     return -1;
 }
 
-static void run_case(unsigned number, const struct hostile_case *c, uint64_t wait_ms)
+/* The same 4 KiB check on the other disk: the victim's troubles must not reach it. */
+static void check_other_disk(const struct hostile_case *c, unsigned number, uint64_t index)
+{
+    char why[64] = "ok";
+    vm_reset(dev.mmio, 500); /* both drivers use the one ring page */
+    const char *err = blk_init(&other_dev, &virtio_devs[index], &opts);
+    if (err)
+        ksnprintf(why, sizeof(why), "init=%s", err);
+    else
+        blk_check_4k(&other_dev, RECOVERY_SECTOR, 0x80 + number, why, sizeof(why));
+    vm_reset(other_dev.mmio, 500);
+    report(ACTION " %s other-disk=%s", c->name, why);
+}
+
+static void run_case(unsigned number, const struct hostile_case *c, uint64_t wait_ms,
+                     uint64_t other)
 {
     init_or_finish(c->name);
     struct virtq *vq = &dev.vq;
     const struct virtio_mmio_dev *m = dev.mmio;
+    const char *unusable = c->unusable ? c->unusable() : NULL;
+    if (unusable) {
+        report(ACTION " %s skip reason=%s", c->name, unusable);
+        return;
+    }
 
     mem_fill(hmem, CANARY, H_SIZE);
     struct blk_req_header *hdr = (struct blk_req_header *)(hmem + H_HDR);
@@ -360,11 +479,14 @@ static void run_case(unsigned number, const struct hostile_case *c, uint64_t wai
     if (bad >= 0)
         ksnprintf(canary, sizeof(canary), "clobbered@0x%x", (unsigned)bad);
     bool ring_intact = mem_diff((void *)vq->page, ring_saved, VQ_USED_OFFSET) == VQ_USED_OFFSET;
+    char extra[48] = "";
+    if (c->check)
+        c->check(extra, sizeof(extra));
     report(ACTION " %s status=0x%x needs-reset=%d config-irq=%d used-idx=%u vring-irq=%d "
-                  "req-status=0x%02x waited-ms=%lu canary=%s ring-intact=%d%s",
+                  "req-status=0x%02x waited-ms=%lu canary=%s ring-intact=%d%s%s",
            c->name, status, broken, (isr & VIRTIO_MMIO_INT_CONFIG) != 0, used_idx,
            (isr & VIRTIO_MMIO_INT_VRING) != 0, hmem[H_STATUS], waited, canary, ring_intact,
-           used);
+           used, extra);
 
     /* Recovery: reset, check it took, initialise again, one normal request. */
     char why[64] = "";
@@ -384,16 +506,27 @@ static void run_case(unsigned number, const struct hostile_case *c, uint64_t wai
         report(ACTION " %s recovered=1", c->name);
     else
         report(ACTION " %s recovered=0 reason=%s", c->name, why);
+    if (other != NO_OTHER_DISK)
+        check_other_disk(c, number, other);
 }
 
 void action_hostile(void)
 {
-    char which[32] = "all";
-    cmdline_get_str(boot_info.cmdline, "svtest.hostile", which, sizeof(which));
-    uint64_t wait_ms = cmdline_get_u64(boot_info.cmdline, "svtest.hostile_ms", 500);
+    const char *cl = boot_info.cmdline;
+    char which[32] = "all", end[8] = "reset";
+    cmdline_get_str(cl, "svtest.hostile", which, sizeof(which));
+    cmdline_get_str(cl, "svtest.hostile_end", end, sizeof(end));
+    uint64_t wait_ms = cmdline_get_u64(cl, "svtest.hostile_ms", 500);
+    uint64_t other = cmdline_get_u64(cl, "svtest.hostile_other", NO_OTHER_DISK);
     blk_options_from_cmdline(&opts);
     opts.indirect = true; /* the indirect cases need it (they use the flag regardless) */
+    opts.discard = true;  /* and discard-aliased DISCARD */
     blk_open_or_finish(&dev, ACTION, &opts);
+    if (other != NO_OTHER_DISK && (other >= virtio_devices_discover() ||
+                                   other >= VIRTIO_MMIO_MAX_DEVICES || other == dev.mmio->index)) {
+        report(ACTION " FAIL init=bad-other-disk index=%lu", other);
+        finish();
+    }
     if (dev.capacity < RECOVERY_SECTOR + 8) {
         report(ACTION " FAIL init=too-small capacity=%lu need=%u", dev.capacity,
                RECOVERY_SECTOR + 8);
@@ -411,7 +544,7 @@ void action_hostile(void)
     unsigned ran = 0;
     for (unsigned i = 0; i < CASE_COUNT; i++) {
         if (all || strcmp(which, cases[i].name) == 0) {
-            run_case(i, &cases[i], wait_ms);
+            run_case(i, &cases[i], wait_ms, other);
             ran++;
         }
     }
@@ -419,5 +552,7 @@ void action_hostile(void)
         report(ACTION " FAIL unknown-case=%s", which);
     else
         report(ACTION " done cases=%u", ran);
+    if (ran && strcmp(end, "halt") == 0)
+        platform_halt_forever();
     finish();
 }

@@ -81,6 +81,8 @@ const char *blk_init(struct blk_dev *b, const struct virtio_mmio_dev *m,
         wanted |= VIRTIO_BIT(VIRTIO_F_EVENT_IDX);
     if (opts->indirect)
         wanted |= VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC);
+    if (opts->discard)
+        wanted |= VIRTIO_BIT(VIRTIO_BLK_F_DISCARD) | VIRTIO_BIT(VIRTIO_BLK_F_WRITE_ZEROES);
     b->accepted = b->offered & wanted;
     vm_set_driver_features(m, b->accepted);
     uint32_t status = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |
@@ -149,7 +151,8 @@ int blk_submit(struct blk_dev *b, struct blk_req *r, uint32_t type, uint64_t sec
         r->data_len += segs[i].len;
     }
     bufs[1 + nseg] = (struct vq_buf){ (uintptr_t)&r->status, 1, true };
-    int head = vq_add(&b->vq, bufs, nseg + 2, indirect ? r->table : NULL);
+    struct vq_desc *table = (struct vq_desc *)((uintptr_t)r->table + b->table_offset);
+    int head = vq_add(&b->vq, bufs, nseg + 2, indirect ? table : NULL);
     if (head < 0)
         return BLK_ERR_SUBMIT;
     r->head = head;

@@ -40,6 +40,7 @@
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_T_FLUSH 4
 #define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_DISCARD 11
 #define VIRTIO_BLK_S_OK 0
 #define VIRTIO_BLK_S_IOERR 1
 #define VIRTIO_BLK_S_UNSUPP 2
@@ -58,6 +59,7 @@
 struct blk_options {
     bool event_idx; /* accept VIRTIO_F_EVENT_IDX when offered */
     bool indirect;  /* accept VIRTIO_F_INDIRECT_DESC when offered */
+    bool discard;   /* accept VIRTIO_BLK_F_DISCARD and WRITE_ZEROES when offered */
     uint16_t queue_size;
     unsigned timeout_ms; /* per wait for completions */
 };
@@ -81,7 +83,8 @@ struct blk_req {
     int head;
     uint32_t used_len;
     uint32_t data_len; /* sum of the segments */
-    struct vq_desc table[BLK_MAX_SEGS + 2] __attribute__((aligned(16)));
+    /* The indirect table, at table + blk_dev.table_offset bytes (so one spare entry). */
+    struct vq_desc table[BLK_MAX_SEGS + 3] __attribute__((aligned(16)));
 };
 
 struct blk_dev {
@@ -93,6 +96,9 @@ struct blk_dev {
     uint64_t capacity;
     uint32_t generation, size_max, seg_max, blk_size;
     unsigned timeout_ms;
+    /* Added to the address of every indirect table: 8 puts tables 8-byte aligned
+     * as Linux's SLOB allocator does (the spec asks no alignment). */
+    uint32_t table_offset;
 
     struct blk_req *inflight[VQ_MAX_SIZE];
     unsigned pending;
@@ -112,9 +118,9 @@ void blk_read_config(struct blk_dev *b);
 
 /*
  * Full initialisation (3.1.1): reset, ACKNOWLEDGE, DRIVER, features (VERSION_1
- * required; EVENT_IDX / INDIRECT_DESC per options; FLUSH, SEG_MAX, SIZE_MAX,
- * BLK_SIZE, RO, GEOMETRY, TOPOLOGY when offered), FEATURES_OK and its check,
- * queue 0, DRIVER_OK.  Returns NULL, or what failed ("version=1", ...).
+ * required; EVENT_IDX / INDIRECT_DESC / DISCARD + WRITE_ZEROES per options; FLUSH,
+ * SEG_MAX, SIZE_MAX, BLK_SIZE, RO, GEOMETRY, TOPOLOGY when offered), FEATURES_OK
+ * and its check, queue 0, DRIVER_OK.  Returns NULL, or what failed ("version=1", ...).
  */
 const char *blk_init(struct blk_dev *b, const struct virtio_mmio_dev *m,
                      const struct blk_options *opts);

@@ -2,74 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import select
+import struct
+import threading
 import time
 
 import pytest
 
-from stratovirt_py._dataplane import lib
-from stratovirt_py.config import DriveConfig
-from stratovirt_py.devices.virtio.block import (
-    VIRTIO_BLK_F_DISCARD,
-    VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_WRITE_ZEROES,
-    DiskBackend,
-    VirtioBlock,
-)
-from stratovirt_py.devices.virtio.dataplane import IoThread
-from stratovirt_py.devices.virtio.mmio import VIRTIO_F_RING_EVENT_IDX, QueueSetup
-from tests.virtq_model import BlkDriver, Queue, SyntheticGuest
+from stratovirt_py._dataplane import ffi, lib
+from stratovirt_py.devices.virtio.block import VIRTIO_BLK_F_RO
+from stratovirt_py.devices.virtio.mmio import VIRTIO_F_RING_EVENT_IDX
+from tests.virtq_model import F_WRITE, SECTOR, Rig
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-SECTOR = 512
-
-
-class Rig:
-    """A VirtioBlock on synthetic memory, with its I/O thread running."""
-
-    def __init__(self, tmp_path, image_sectors: int = 64, read_only: bool = False,
-                 direct: bool = False, serial: str | None = "SN-1234", features: int = 0):
-        self.guest = SyntheticGuest(size=1 << 21)
-        self.image = tmp_path / "disk.img"
-        self.image.write_bytes(bytes(range(256)) * (image_sectors * SECTOR // 256))
-        self.fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
-        self.irqfd, self.error_fd, self.kick_fd = self.fds
-        self.iothread = IoThread()
-        self.device = VirtioBlock("vdt", self.guest.mem, self.iothread, self.irqfd,
-                                  self.error_fd, self.kick_fd)
-        drive = DriveConfig("d", str(self.image), read_only=read_only, direct=direct,
-                            serial=serial)
-        self.device.set_backend(DiskBackend.open(drive))
-        self.queue = Queue(self.guest, size=64)
-        self.driver = BlkDriver(self.queue)
-        setup = QueueSetup(size=64, ready=True, desc=self.queue.layout.desc,
-                           driver=self.queue.layout.avail, device=self.queue.layout.used)
-        lib.svpy_lock(self.device.shared)
-        assert self.device.activate(features | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES,
-                                    [setup]) == 0
-        lib.svpy_unlock(self.device.shared)
-
-    def run(self, count: int = 1) -> None:
-        """Notifies the device and waits for `count` more completions."""
-        target = self.queue.used_idx() + count
-        os.eventfd_write(self.kick_fd, 1)
-        deadline = time.monotonic() + 5
-        while self.queue.used_idx() < target:
-            assert time.monotonic() < deadline, "the device did not complete the request"
-            time.sleep(0.001)
-
-    def status(self, addr: int) -> int:
-        return self.guest.read(addr, 1)[0]
-
-    def close(self) -> None:
-        self.iothread.stop()
-        backend = self.device.set_backend(None)
-        if backend:
-            backend.close()
-        self.device.close()
-        for fd in self.fds:
-            os.close(fd)
 
 
 @pytest.fixture
@@ -169,8 +117,6 @@ def test_direct_io_with_unaligned_guest_buffers(tmp_path):
 
 
 def test_discard_and_write_zeroes(rig):
-    import struct
-
     segment = struct.pack("<QII", 8, 8, 0)
     zeroes = rig.driver.submit(T_WRITE_ZEROES, data=segment)
     unmap = rig.driver.submit(T_DISCARD, data=struct.pack("<QII", 32, 8, 0))
@@ -238,8 +184,6 @@ def test_event_idx_negotiated(tmp_path):
 
 
 def ffi_string(pointer) -> str:
-    from stratovirt_py._dataplane import ffi
-
     return ffi.string(pointer).decode()
 
 
@@ -254,3 +198,229 @@ def test_host_io_error_becomes_ioerr(rig):
     good = rig.driver.submit(T_IN, sector=1, read_len=SECTOR)
     rig.run()
     assert rig.status(good) == S_OK  # the device goes on
+
+
+# --- Indirect tables at any address (issue 8, item 1) -----------------------------
+
+
+@pytest.mark.parametrize("misalignment", [8, 1])
+def test_read_through_an_indirect_table_at_any_alignment(rig, misalignment):
+    header = rig.driver.header(T_IN, sector=3)
+    data = rig.driver.alloc(2 * SECTOR)
+    status = rig.driver.status_byte()
+    table = rig.driver.alloc(3 * 16, offset=misalignment)
+    rig.driver.submit_chain([(header, 16, 0), (data, 2 * SECTOR, F_WRITE), (status, 1, F_WRITE)],
+                            table=table)
+    rig.run()
+    assert rig.status(status) == S_OK
+    assert rig.guest.read(data, 2 * SECTOR) == rig.image.read_bytes()[3 * SECTOR:5 * SECTOR]
+    assert not rig.device.shared.broken
+
+
+# --- DISCARD / WRITE_ZEROES limits (item 2) ---------------------------------------
+
+MAX_DISCARD = lib.SVPY_BLK_MAX_DISCARD_SECTORS
+MAX_ZEROES = lib.SVPY_BLK_MAX_WRITE_ZEROES_SECTORS
+UNMAP = 1
+
+
+def segments_payload(*segments: tuple[int, int, int]) -> bytes:
+    return b"".join(struct.pack("<QII", *segment) for segment in segments)
+
+
+@pytest.mark.parametrize(("kind", "segments", "expected"), [
+    (T_DISCARD, [(0, 8, 0)] * 16, S_OK),  # the advertised maximum
+    (T_DISCARD, [(0, 8, 0)] * 17, S_UNSUPP),  # one segment more
+    (T_WRITE_ZEROES, [(0, 8, 0)], S_OK),
+    (T_WRITE_ZEROES, [(0, 8, 0)] * 2, S_UNSUPP),  # max_write_zeroes_seg is 1
+    (T_DISCARD, [(0, MAX_DISCARD, 0)], S_OK),
+    (T_DISCARD, [(0, MAX_DISCARD + 1, 0)], S_IOERR),
+    (T_WRITE_ZEROES, [(0, MAX_ZEROES, 0)], S_OK),
+    (T_WRITE_ZEROES, [(0, MAX_ZEROES + 1, UNMAP)], S_IOERR),
+    (T_DISCARD, [(0, 8, UNMAP)], S_UNSUPP),  # UNMAP is for WRITE_ZEROES only
+    (T_WRITE_ZEROES, [(0, 8, 2)], S_UNSUPP),  # an unknown flag
+])
+def test_discard_and_write_zeroes_limits(tmp_path, kind, segments, expected):
+    # Sparse and large enough that every range above lies inside the disk.
+    rig = Rig(tmp_path, sparse_bytes=(MAX_DISCARD + 64) * SECTOR)
+    try:
+        status = rig.driver.submit(kind, data=segments_payload(*segments))
+        rig.run()
+        assert rig.status(status) == expected
+        assert not rig.device.shared.broken
+    finally:
+        rig.close()
+
+
+def test_a_refused_discard_changes_nothing(rig):
+    before = rig.image.read_bytes()
+    status = rig.driver.submit(T_DISCARD, data=segments_payload((0, 8, 0), (8, 8, 2)))
+    rig.run()
+    assert rig.status(status) == S_UNSUPP
+    assert rig.image.read_bytes() == before  # the valid first segment was not carried out
+
+
+def test_discard_segments_split_across_tiny_buffers(rig):
+    request = struct.pack("<IIQ", T_DISCARD, 0, 0) + segments_payload((8, 8, 0), (32, 8, 0))
+    sizes = [1, 2, 3, 5, 7, 11, 13, 6]  # 48 bytes, cut across every field
+    chain, at = [], 0
+    for size in sizes:
+        buffer = rig.driver.alloc(size)
+        rig.guest.write(buffer, request[at:at + size])
+        chain.append((buffer, size, 0))
+        at += size
+    status = rig.driver.status_byte()
+    rig.driver.submit_chain([*chain, (status, 1, F_WRITE)])
+    rig.run()
+    assert rig.status(status) == S_OK
+    image = rig.image.read_bytes()
+    assert image[8 * SECTOR:16 * SECTOR] == bytes(8 * SECTOR)
+    assert image[32 * SECTOR:40 * SECTOR] == bytes(8 * SECTOR)
+    assert image[16 * SECTOR:32 * SECTOR] != bytes(16 * SECTOR)
+
+
+def test_discard_of_many_aliased_segments_is_refused_at_once(rig):
+    # 1000 descriptors naming one page of segments: 256000 segments, which the
+    # device once parsed (rescanning the chain for each) and carried out.
+    page = rig.driver.alloc(4096)
+    rig.guest.write(page, segments_payload((0, 1, 0)) * 256)
+    header = rig.driver.header(T_DISCARD)
+    status = rig.driver.status_byte()
+    table = rig.driver.alloc(16 * 1002)
+    rig.driver.submit_chain([(header, 16, 0), *[(page, 4096, 0)] * 1000, (status, 1, F_WRITE)],
+                            table=table)
+    rig.run()  # within 5 s
+    assert rig.status(status) == S_UNSUPP
+    assert rig.image.read_bytes()[:SECTOR] == bytes(range(256)) * 2
+
+
+def test_a_long_queue_is_served_in_passes_that_yield_the_lock(tmp_path):
+    # Three reads of the largest size: more than one pass may do while holding the lock.
+    piece = 1 << 20
+    count = lib.SVPY_BLK_MAX_REQUEST_BYTES // piece
+    rig = Rig(tmp_path, guest_size=1 << 22, sparse_bytes=64 << 20)
+    try:
+        buffer = rig.driver.alloc(piece)
+        statuses = []
+        for _ in range(3):
+            header = rig.driver.header(T_IN)
+            status = rig.driver.status_byte()
+            table = rig.driver.alloc(16 * (count + 2))
+            rig.driver.submit_chain(
+                [(header, 16, 0), *[(buffer, piece, F_WRITE)] * count, (status, 1, F_WRITE)],
+                table=table)
+            statuses.append(status)
+        rig.run(3)
+        assert [rig.status(status) for status in statuses] == [S_OK] * 3
+        assert rig.device.stats()["yields"] >= 1
+    finally:
+        rig.close()
+
+
+# --- Request size bound, used length apart from errors (items 3 and 6) ------------
+
+
+def aliased_read(rig: Rig, total: int, piece: int, buffer: int) -> tuple[int, int]:
+    """A read of `total` bytes into `piece`-byte buffers that all alias one area
+    (the spec allows it); returns (head, status address)."""
+    pieces = [piece] * (total // piece) + ([total % piece] if total % piece else [])
+    header = rig.driver.header(T_IN)
+    status = rig.driver.status_byte()
+    table = rig.driver.alloc(16 * (len(pieces) + 2))
+    head = rig.driver.submit_chain(
+        [(header, 16, 0), *[(buffer, size, F_WRITE) for size in pieces], (status, 1, F_WRITE)],
+        table=table)
+    return head, status
+
+
+@pytest.mark.parametrize(("total", "direct"), [
+    (2 << 30, False),  # once: read, status OK, then the device broke instead of answering
+    ((4 << 30) + SECTOR, False),  # once: read, then answered with a used length of 513
+    (0x7FFFF000 + SECTOR, True),  # once: cut short by the kernel's cap on one AIO transfer
+    (lib.SVPY_BLK_MAX_REQUEST_BYTES + SECTOR, False),
+])
+def test_a_read_above_the_request_bound_gets_ioerr_before_any_io(tmp_path, total, direct):
+    piece = 8 << 20
+    rig = Rig(tmp_path, guest_size=2 * piece, sparse_bytes=(4 << 30) + (1 << 20),
+              direct=direct)
+    try:
+        buffer = rig.driver.alloc(piece)
+        rig.guest.write(buffer, b"\x5a" * piece)
+        head, status = aliased_read(rig, total, piece, buffer)
+        rig.run()
+        assert rig.status(status) == S_IOERR
+        assert rig.queue.used_elem(0) == (head, 1)
+        assert not rig.device.shared.broken
+        assert rig.guest.read(buffer, piece) == b"\x5a" * piece  # no I/O was done
+        assert rig.device.stats()["read_bytes"] == 0
+        good = rig.driver.submit(T_IN, sector=1, read_len=SECTOR)
+        rig.run()
+        assert rig.status(good) == S_OK
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_read_of_the_request_bound_is_served(tmp_path, direct):
+    piece = 4 << 20
+    total = lib.SVPY_BLK_MAX_REQUEST_BYTES
+    rig = Rig(tmp_path, guest_size=2 * piece, sparse_bytes=64 << 20, direct=direct)
+    try:
+        buffer = rig.driver.alloc(piece)
+        head, status = aliased_read(rig, total, piece, buffer)
+        rig.run()
+        assert rig.status(status) == S_OK
+        assert rig.queue.used_elem(0) == (head, total + 1)
+        assert rig.device.stats()["read_bytes"] == total
+    finally:
+        rig.close()
+
+
+def test_drain_ends_when_aio_stops_answering(tmp_path):
+    rig = Rig(tmp_path, direct=True)
+    c = rig.device.c
+    context = c.aio
+    assert context, "O_DIRECT backends use Linux AIO"
+    # One request in flight on a context io_getevents refuses (EINVAL).
+    c.requests[0].in_use = 1
+    c.inflight = 1
+    c.aio = 1
+    drained = threading.Event()
+
+    def drain() -> None:
+        lib.svpy_blk_drain(c, 0)
+        drained.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert drained.wait(5), "svpy_blk_drain kept waiting for a failed context"
+        assert (c.inflight, c.requests[0].in_use, c.aio) == (0, 0, 0)
+        assert rig.device.stats()["errors"] == 1
+        status = rig.driver.submit(T_IN, sector=1, read_len=SECTOR)
+        rig.run()  # served without AIO
+        assert rig.status(status) == S_OK
+    finally:
+        if not drained.is_set():  # let a spinning drain out, so that close() can finish
+            c.requests[0].in_use = 0
+            c.inflight = 0
+            c.aio = context
+            drained.wait(5)
+        rig.close()
+
+
+def test_io_thread_failure_reaches_the_control_plane(rig, caplog):
+    thread = rig.iothread
+    assert thread.failure() is None
+    # Put something that is not an epoll instance under the thread's epoll fd:
+    # its next epoll_wait fails (EINVAL), as any other epoll_wait failure would.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, thread.handle.epoll_fd)
+    os.close(devnull)
+    os.eventfd_write(rig.kick_fd, 1)  # wakes the thread from the wait it is in
+    readable, _, _ = select.select([thread.failure_fd], [], [], 5)
+    assert readable, "the failure was not signalled"
+    reason = thread.failure()
+    assert reason is not None and "epoll_wait failed: Invalid argument" in reason
+    assert thread.failure() == reason
+    errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert [record.getMessage() for record in errors] == [reason]  # logged once

@@ -31,20 +31,26 @@ log = logging.getLogger(__name__)
 DEVICE_ID_BLOCK = 2
 QUEUE_MAX_SIZE = 256
 SECTOR_SIZE = 512
-# Segments per request the guest may use (its scatter list), header and status apart.
-SEG_MAX = 126
-MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
-MAX_DISCARD_SEGMENTS = 16
+# The limits the C side enforces (csrc/dataplane/virtio_blk.h says why these).
+# Data segments per request, header and status apart, and bytes per segment:
+# together they keep a driver's requests within the C side's request bound.
+SEG_MAX = lib.SVPY_BLK_SEG_MAX
+SIZE_MAX = lib.SVPY_BLK_SIZE_MAX
+MAX_DISCARD_SECTORS = lib.SVPY_BLK_MAX_DISCARD_SECTORS  # per segment
+MAX_DISCARD_SEGMENTS = lib.SVPY_BLK_MAX_DISCARD_SEGMENTS
+MAX_WRITE_ZEROES_SECTORS = lib.SVPY_BLK_MAX_WRITE_ZEROES_SECTORS
+MAX_WRITE_ZEROES_SEGMENTS = lib.SVPY_BLK_MAX_WRITE_ZEROES_SEGMENTS
 DISCARD_ALIGNMENT_SECTORS = 8
 
+VIRTIO_BLK_F_SIZE_MAX = 1 << 1
 VIRTIO_BLK_F_SEG_MAX = 1 << 2
 VIRTIO_BLK_F_RO = 1 << 5
 VIRTIO_BLK_F_BLK_SIZE = 1 << 6
 VIRTIO_BLK_F_FLUSH = 1 << 9
 VIRTIO_BLK_F_DISCARD = 1 << 13
 VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
-BASE_FEATURES = (VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
-                 | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES)
+BASE_FEATURES = (VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE
+                 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES)
 
 # struct virtio_blk_config, as far as the offered features reach.
 CONFIG_LAYOUT = struct.Struct("<QII HBB I BBH I BBH IIIII B3x")
@@ -157,14 +163,14 @@ class VirtioBlock:
     def config_bytes(self) -> bytes:
         sectors = self.backend.sectors if self.backend else 0
         return CONFIG_LAYOUT.pack(
-            sectors, 0, SEG_MAX,
+            sectors, SIZE_MAX, SEG_MAX,
             0, 0, 0,  # geometry
             SECTOR_SIZE,
             0, 0, 0,  # topology: physical block exponent, alignment, min io size
             0,  # opt_io_size
             0, 0, 1,  # writeback, unused, num_queues
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, DISCARD_ALIGNMENT_SECTORS,
-            MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
+            MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEGMENTS,
             1,  # write_zeroes_may_unmap
         )
 
@@ -235,4 +241,5 @@ class VirtioBlock:
     def stats(self) -> dict[str, int]:
         stats = self.c.stats
         return {"requests": stats.requests, "read_bytes": stats.read_bytes,
-                "written_bytes": stats.written_bytes, "errors": stats.errors}
+                "written_bytes": stats.written_bytes, "errors": stats.errors,
+                "yields": stats.yields}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.errors import MonitorError
 from stratovirt_py.memory import GuestMemory
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -37,13 +40,36 @@ def c_guest_memory(memory: GuestMemory) -> Any:
 
 
 class IoThread:
-    """One C thread that serves every device's queue notifications."""
+    """One C thread that serves every device's queue notifications.
+
+    If it ever stops on its own (its epoll_wait failed), no disk it serves
+    gets any work done: `failure_fd` becomes readable, and the control plane
+    calls `failure()` to learn why (and to log it).
+    """
 
     def __init__(self) -> None:
         self.handle = ffi.new("struct svpy_iothread *")
         ret = lib.svpy_iothread_start(self.handle)
         if ret < 0:
             raise MonitorError(f"cannot start the I/O thread: {os.strerror(-ret)}")
+        self._failure_logged = False
+
+    @property
+    def failure_fd(self) -> int:
+        """An eventfd signalled when the thread stops on an error."""
+        return self.handle.failure_fd
+
+    def failure(self) -> str | None:
+        """Why the thread stopped on its own, or None while it runs; logged once."""
+        error = self.handle.failed_errno
+        if not error:
+            return None
+        reason = f"the I/O thread stopped: epoll_wait failed: {os.strerror(error)}; " \
+                 "no disk I/O is served any more"
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.error("%s", reason)
+        return reason
 
     def stop(self) -> None:
         lib.svpy_iothread_stop(self.handle)

@@ -9,15 +9,13 @@ and completions come back through an irqfd, so no per-request work is here.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.devices.virtio.dataplane import device_lock
-
-log = logging.getLogger(__name__)
+from stratovirt_py.devices.virtio.guest_errors import GuestErrorLog
 
 MAGIC = 0x74726976  # "virt"
 VERSION = 2
@@ -122,6 +120,7 @@ class VirtioMmioTransport:
         self.queue_sel = 0
         self.queues = [QueueSetup() for _ in device.queue_max_sizes]
         self.config_generation = 0
+        self.guest_errors = GuestErrorLog(device.name)
 
     @property
     def cmdline_token(self) -> str:
@@ -223,7 +222,16 @@ class VirtioMmioTransport:
         if value == 0:
             self._reset()
             return
-        value &= 0xFF
+        # NEEDS_RESET is the device's to set; the driver cannot set or clear it.
+        value &= 0xFF & ~STATUS_NEEDS_RESET
+        cleared = self.status & ~value & ~STATUS_NEEDS_RESET
+        if cleared:
+            # Only a write of 0 resets (§2.1.2: the driver MUST NOT clear a bit).
+            # Accepting it would let DRIVER_OK be set again and re-activate the
+            # queue without a reset, serving requests already served.
+            self._break(lib.SVPY_DEV_ERR_STATUS_CLEARED,
+                        f"status 0x{self.status:02x} written as 0x{value:02x}")
+            return
         newly_set = value & ~self.status
         if newly_set & STATUS_FEATURES_OK and not self._features_acceptable():
             value &= ~STATUS_FEATURES_OK  # the driver reads it back and gives up
@@ -231,7 +239,6 @@ class VirtioMmioTransport:
             error = self.device.activate(self.driver_features, self.queues)
             if error:
                 self._break(error)
-        # NEEDS_RESET is the device's to set; the driver cannot clear it.
         self.status = value | (self.status & STATUS_NEEDS_RESET)
 
     def _features_acceptable(self) -> bool:
@@ -248,10 +255,16 @@ class VirtioMmioTransport:
         lib.svpy_ack_interrupt(shared, 0xFFFF_FFFF)
         shared.broken = 0
 
-    def _break(self, error: int) -> None:
-        """The guest broke the protocol: DEVICE_NEEDS_RESET and a config interrupt (§2.1.2)."""
-        log.warning("%s: guest error: %s; device needs reset", self.device.name,
-                    ffi.string(lib.svpy_vq_error_name(error)).decode())
+    def _break(self, error: int, detail: str = "") -> None:
+        """The guest broke the protocol: DEVICE_NEEDS_RESET and a config interrupt (§2.1.2).
+
+        The data plane stops too (the first error is the one kept).
+        """
+        what = ffi.string(lib.svpy_device_error_name(error)).decode()
+        if detail:
+            what += f" ({detail})"
+        self.guest_errors.report(f"{what}; device needs reset")
+        lib.svpy_mark_broken(self.device.shared, error)
         self.status |= STATUS_NEEDS_RESET
         if self.status & STATUS_DRIVER_OK:
             self.config_generation += 1
