@@ -10,6 +10,7 @@ thread raised them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -289,8 +290,19 @@ class MicroVM:
         self.chardev.start(self._feed_console, self.request_quit_from_console)
         if self._virtio_error_fd >= 0:
             self._loop.add_reader(self._virtio_error_fd, self._on_data_plane_error)
+        if self.iothread is not None:
+            self._loop.add_reader(self.iothread.failure_fd, self._on_iothread_failure)
         self.lifecycle.started(paused)
         log.info("VM started%s", " paused (-S)" if paused else "")
+
+    def _on_iothread_failure(self) -> None:
+        """The I/O thread stopped on an error: no disk would ever answer again, so the VM
+        ends with an error instead of hanging on its disks."""
+        assert self.iothread is not None
+        drain_eventfd(self.iothread.failure_fd)
+        reason = self.iothread.failure()
+        if reason is not None:
+            self.request_exit(ExitRequest(1, False, "host-error", reason))
 
     def _on_data_plane_error(self) -> None:
         drain_eventfd(self._virtio_error_fd)
@@ -382,6 +394,8 @@ class MicroVM:
         for thread in self.vcpu_threads:
             thread.join(timeout=2.0)
         if self.iothread is not None:
+            with contextlib.suppress(ValueError, OSError):  # the loop may be closed
+                self._loop.remove_reader(self.iothread.failure_fd)
             self.iothread.stop()
             self.iothread = None
         if self.disks is not None:

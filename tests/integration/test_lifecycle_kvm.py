@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -13,6 +14,9 @@ import time
 
 import pytest
 
+from stratovirt_py.config import DiskConfig, DriveConfig, MachineConfig
+from stratovirt_py.lifecycle import RunState
+from stratovirt_py.machine import MicroVM
 from tests.helpers import Qmp, running_monitor, wait_for_socket
 
 pytestmark = pytest.mark.kvm
@@ -71,3 +75,32 @@ def test_stop_and_cont_while_nobody_reads_the_console(svtest_guest, tmp_path):
         assert process.wait(timeout=10) == 0
     os.close(read_end)
     os.close(write_end)
+
+
+def test_io_thread_failure_ends_the_vm_with_an_error(svtest_guest, tmp_path):
+    """No disk would answer again: the VM ends with status 1 and says why, instead of
+    a guest hanging on its disks while QMP reports it running."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    config = MachineConfig(
+        kernel=str(svtest_guest), cmdline="svtest.action=blk-bench svtest.count=100000000",
+        disks=(DiskConfig("d", DriveConfig("d", str(image), direct=False)),)).validate()
+    loop = asyncio.new_event_loop()
+    machine = MicroVM(config, loop)
+    try:
+        machine.build()
+        machine.start()
+        iothread = machine.iothread
+        assert iothread is not None
+        # Something that is not an epoll instance under the thread's epoll fd: its next
+        # epoll_wait fails, as any failing epoll_wait would.  The guest's I/O wakes it.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, iothread.handle.epoll_fd)
+        os.close(devnull)
+        request = loop.run_until_complete(asyncio.wait_for(machine.exited, 30))
+        assert (request.status, request.guest, request.reason) == (1, False, "host-error")
+        assert "the I/O thread stopped: epoll_wait failed: Invalid argument" in request.message
+        assert machine.state is RunState.INTERNAL_ERROR
+    finally:
+        machine.destroy()
+        loop.close()
