@@ -2,8 +2,9 @@
 
 Each backend takes guest output through `write` and, where it has input,
 feeds it to the UART from a thread of its own.  Output never blocks the
-vCPU: a terminal, pipe or socket that stops reading loses output (beyond a
-bounded buffer) rather than stalling the guest.
+vCPU: a terminal, pipe or file that stops taking it loses output beyond a
+bounded buffer (output_sink.py), a socket client that stops reading loses it
+at once, rather than stalling the guest.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class FileChardev(Chardev):
 
     def __init__(self, path: str) -> None:
         try:
-            # A FIFO may be given too: opening it must not wait for a reader.
+            # Not blocking: a FIFO without a reader is refused at once (ENXIO) rather
+            # than holding up start-up, and output never waits for the file.
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
                                | os.O_NONBLOCK, 0o644)
         except OSError as exc:

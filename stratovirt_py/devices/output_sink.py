@@ -1,12 +1,17 @@
 """Console output that never blocks the vCPU writing it.
 
 The guest writes its console one byte per port-I/O exit, on a vCPU thread.
-A terminal that is scrolled back, a pipe whose reader stopped reading or a
-slow socket must not stop that vCPU: a stopped vCPU cannot be paused, and
-the whole VM stalls.  So a write goes out at once only if the file can take
-it now; otherwise it waits in a bounded buffer that a flusher thread drains
-when the file becomes writable, and what does not fit is dropped and
-counted, as QEMU's chardevs drop output nobody reads.
+A terminal that is scrolled back or stopped with Ctrl-S, a pipe whose reader
+stopped reading or a slow socket must not stop that vCPU: a stopped vCPU
+cannot be paused, and the whole VM stalls.  So every write is non-blocking:
+what the file does not take at once waits in a bounded buffer that a flusher
+thread drains when the file becomes writable, and what does not fit is
+dropped and counted, as QEMU's chardevs drop output nobody reads.
+
+The monitor's stdout is a file description it shares with the shell that
+started it, so it must not be made non-blocking: terminals and pipes are
+reopened through /proc/self/fd (a description of our own, O_NONBLOCK),
+sockets are written with MSG_DONTWAIT, and regular files never block anyway.
 """
 
 from __future__ import annotations
@@ -15,23 +20,23 @@ import contextlib
 import logging
 import os
 import select
+import socket
+import stat
 import threading
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 BUFFER_LIMIT = 1 << 20
-# poll() promises room for PIPE_BUF bytes on a writable pipe; larger writes
-# go out in pieces of this size.
-ATOMIC_WRITE = select.PIPE_BUF
 FLUSH_AT_CLOSE_SECONDS = 1.0
+FLUSH_POLL_MS = 100
 
 
 class OutputSink:
-    """Writes to `fd` without blocking the caller; thread-safe."""
+    """Writes to `fd` without ever blocking the caller; thread-safe.  `fd` stays the caller's."""
 
     def __init__(self, fd: int, name: str, limit: int = BUFFER_LIMIT) -> None:
-        self._fd = fd
         self._name = name
         self._limit = limit
         self._pending = bytearray()
@@ -41,13 +46,28 @@ class OutputSink:
         self._closed = False
         self._failed = False
         self.dropped = 0
-        # Used with the lock held only: a poll object must not be polled twice at once.
-        self._poll = self._new_poll()
+        self._own_fd = -1
+        self._socket: socket.socket | None = None
+        self._fd, self._send = self._non_blocking_writer(fd)
 
-    def _new_poll(self) -> select.poll:
-        poll = select.poll()
-        poll.register(self._fd, select.POLLOUT)
-        return poll
+    def _non_blocking_writer(self, fd: int) -> tuple[int, Callable[[bytes], int]]:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+            return fd, lambda data: os.write(fd, data)
+        if stat.S_ISSOCK(mode):
+            self._socket = socket.socket(fileno=os.dup(fd))
+            sock = self._socket
+            return fd, lambda data: sock.send(data, socket.MSG_DONTWAIT)
+        if os.get_blocking(fd):
+            try:
+                self._own_fd = os.open(f"/proc/self/fd/{fd}",
+                                       os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            except OSError as exc:
+                log.warning("%s: cannot write without blocking (%s): a reader that stops may "
+                            "stall the guest", self._name, exc.strerror)
+            else:
+                fd = self._own_fd
+        return fd, lambda data: os.write(fd, data)
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -60,12 +80,10 @@ class OutputSink:
             self._queue(data)
 
     def _write_now(self, data: bytes) -> bytes:
-        """Writes what the file takes without blocking; returns the rest (lock held)."""
+        """Writes what the file takes at once; returns the rest (lock held)."""
         while data:
-            if not self._poll.poll(0):
-                return data
             try:
-                done = os.write(self._fd, data[:ATOMIC_WRITE])
+                done = self._send(data)
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -82,8 +100,8 @@ class OutputSink:
             if not self.dropped:
                 log.warning("%s is not taking output: dropping what does not fit in %d KiB",
                             self._name, self._limit >> 10)
-            self.dropped += len(data) - max(room, 0)
-            data = data[:max(room, 0)]
+            self.dropped += len(data) - room
+            data = data[:room]
         self._pending += data
         if self._flusher is None:
             self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
@@ -98,8 +116,15 @@ class OutputSink:
         self._failed = True
         self._pending.clear()
 
+    def _flush_pending(self) -> None:
+        """Writes what the file takes of the buffer (lock held)."""
+        if self._pending and not self._failed:
+            rest = self._write_now(bytes(self._pending))
+            del self._pending[:len(self._pending) - len(rest)]
+
     def _flush_loop(self) -> None:
-        poll = self._new_poll()
+        poll = select.poll()
+        poll.register(self._fd, select.POLLOUT)
         while True:
             with self._lock:
                 while not self._pending and not self._closed:
@@ -108,22 +133,25 @@ class OutputSink:
                     return
             # Wait for room without the lock, so writers only ever append.
             with contextlib.suppress(InterruptedError):
-                poll.poll(100)
+                poll.poll(FLUSH_POLL_MS)
             with self._lock:
-                if self._pending and not self._failed:
-                    rest = self._write_now(bytes(self._pending))
-                    del self._pending[:len(self._pending) - len(rest)]
+                self._flush_pending()
 
     def close(self) -> None:
         """Gives buffered output a short while to go out, then stops; idempotent."""
         deadline = time.monotonic() + FLUSH_AT_CLOSE_SECONDS
         with self._lock:
+            self._flush_pending()
             while self._pending and not self._failed and time.monotonic() < deadline:
-                rest = self._write_now(bytes(self._pending))
-                del self._pending[:len(self._pending) - len(rest)]
-                if self._pending:
-                    self._wake.wait(0.01)  # the flusher may get there first
+                self._wake.wait(0.01)  # the flusher writes when there is room
+                self._flush_pending()
             self._closed = True
             self._wake.notify()
         if self._flusher is not None and self._flusher is not threading.current_thread():
             self._flusher.join(timeout=1)
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._own_fd >= 0:
+            os.close(self._own_fd)
+            self._own_fd = -1

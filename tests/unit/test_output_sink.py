@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import termios
 import threading
 import time
 
@@ -84,3 +85,29 @@ def test_a_broken_pipe_is_reported_once_and_output_dropped(pipe, caplog):
     assert [r.getMessage() for r in caplog.records if "output failed" in r.getMessage()] == [
         "test: output failed (Broken pipe); further output is dropped"]
     sink.close()
+
+
+def test_a_terminal_nobody_reads_never_blocks_and_keeps_its_own_flags():
+    """A terminal whose reader stopped (scrolled back, Ctrl-S, a dead ssh link)."""
+    master, slave = os.openpty()
+    termios.tcflow(slave, termios.TCOOFF)  # output suspended, as after Ctrl-S
+    try:
+        sink = OutputSink(slave, "test", limit=64 << 10)
+        finished = threading.Event()
+
+        def write_a_lot() -> None:
+            for _ in range(256):
+                sink.write(b"y" * 4096)
+            finished.set()
+
+        threading.Thread(target=write_a_lot, daemon=True).start()
+        assert finished.wait(5), "the writer blocked on a full terminal"
+        assert sink.dropped > 0
+        started = time.monotonic()
+        sink.close()
+        assert time.monotonic() - started < 5
+        # The description shared with the shell is left blocking, as it was.
+        assert os.get_blocking(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
