@@ -287,6 +287,8 @@ static uint8_t do_discard(struct svpy_blk *blk, const struct request_header *hea
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
         else
             mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+        if (len)
+            blk->pass_bytes += SVPY_BLK_PASS_COST_SYNC;
         if (len && fallocate(blk->fd, mode, (off_t)start, (off_t)len) < 0) {
             /* Discard is a hint; zeroes must be zeroes whatever the file system. */
             if (!zeroes)
@@ -324,6 +326,7 @@ static enum request_outcome handle_request(struct svpy_blk *blk, uint32_t *used_
     case VIRTIO_BLK_T_FLUSH:
         /* A flush covers every write the guest has seen complete, and those in flight. */
         svpy_blk_drain(blk, 1);
+        blk->pass_bytes += SVPY_BLK_PASS_COST_SYNC;
         status = blk->fd >= 0 && fdatasync(blk->fd) < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
         break;
     case VIRTIO_BLK_T_GET_ID:
@@ -499,10 +502,13 @@ static void complete_request(struct svpy_blk *blk, struct svpy_blk_request *requ
 /* io_getevents failed for another reason than a signal: the context is
  * unusable (EINVAL, EFAULT) and nothing in flight will ever be reported.
  * Rather than wait forever, fail those requests and serve the next ones
- * without AIO. */
+ * without AIO.  io_destroy first: it waits for (or cancels) what the kernel
+ * still has in flight, so no buffer is touched after its request is answered. */
 static unsigned abandon_aio(struct svpy_blk *blk, int push)
 {
     unsigned failed = 0;
+
+    syscall(SYS_io_destroy, blk->aio);
 
     for (unsigned i = 0; i < SVPY_BLK_AIO_DEPTH; i++) {
         if (blk->requests[i].in_use) {

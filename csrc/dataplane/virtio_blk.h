@@ -46,9 +46,11 @@ _Static_assert((uint64_t)SVPY_BLK_SEG_MAX * SVPY_BLK_SIZE_MAX <= SVPY_BLK_MAX_RE
 
 /* One pass over the queue stops after this much work, then re-queues itself on
  * the I/O thread, so that a guest that keeps the ring full cannot keep the
- * device lock (and the thread, and the other disks) forever. */
+ * device lock (and the thread, and the other disks) forever.  Work is counted
+ * in bytes moved; a flush or an fallocate() costs a fixed share instead. */
 #define SVPY_BLK_PASS_MAX_REQUESTS 256
 #define SVPY_BLK_PASS_MAX_BYTES (64u << 20)
+#define SVPY_BLK_PASS_COST_SYNC (SVPY_BLK_PASS_MAX_BYTES / 16)
 
 struct svpy_blk_stats {
     uint64_t requests;

@@ -317,6 +317,23 @@ def test_a_long_queue_is_served_in_passes_that_yield_the_lock(tmp_path):
         rig.close()
 
 
+@pytest.mark.parametrize("kind", ["flush", "discard"])
+def test_flushes_and_discards_count_against_a_pass(tmp_path, kind):
+    """Each costs a system call that may sync the disk: a ring of them is served in
+    several passes, not in one that holds the lock for all of them."""
+    requests = 20  # three descriptors each fit the 64-entry queue
+    rig = Rig(tmp_path, sparse_bytes=64 << 20)
+    try:
+        statuses = [rig.driver.submit(T_FLUSH) if kind == "flush" else
+                    rig.driver.submit(T_DISCARD, data=struct.pack("<QII", i * 8, 8, 0))
+                    for i in range(requests)]
+        rig.run(requests)
+        assert [rig.status(status) for status in statuses] == [S_OK] * requests
+        assert rig.device.stats()["yields"] >= 1
+    finally:
+        rig.close()
+
+
 # --- Request size bound, used length apart from errors (items 3 and 6) ------------
 
 
