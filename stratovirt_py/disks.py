@@ -160,10 +160,15 @@ class DiskSlots:
     async def detach(self, device_id: str) -> None:
         """device_del: empties the slot without blocking the event loop."""
         slot = self.begin_detach(device_id)
+        emptied = asyncio.get_running_loop().run_in_executor(None, self.empty, slot)
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.empty, slot)
+            # Cancelled (the monitor exits): the worker still finishes its work.
+            await asyncio.shield(emptied)
         finally:
-            self.finish_detach(slot)
+            if emptied.done():
+                self.finish_detach(slot)
+            else:
+                emptied.add_done_callback(lambda _: self.finish_detach(slot))
 
     def begin_detach(self, device_id: str) -> Slot:
         """device_del, first step: the slot stays reserved (id and place) until finished."""

@@ -174,9 +174,10 @@ def _run(config: MachineConfig, ready_pipe: int | None) -> int:
                 log.info("VM exits: %s", request.message)
             return request.status
     finally:
-        machine.destroy()
+        # QMP first: no command may start (or still run) on a machine being torn down.
         if qmp is not None:
             qmp.close()
+        machine.destroy()
         loop.close()
 
 

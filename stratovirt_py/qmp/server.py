@@ -96,11 +96,11 @@ class Connection:
         return self._command_fds.pop(0) if self._command_fds else None
 
     def start_reading(self) -> None:
-        if not self._reading and not self.closed:
+        if not self._reading and not self.closed and not self.server.closing:
             self.server.loop.add_reader(self.sock.fileno(), self.on_readable)
             self._reading = True
 
-    def _stop_reading(self) -> None:
+    def stop_reading(self) -> None:
         if self._reading:
             with contextlib.suppress(ValueError, OSError):
                 self.server.loop.remove_reader(self.sock.fileno())
@@ -172,7 +172,7 @@ class Connection:
             if self.server.machine.exit_pending:
                 # The client sent quit and closed its end: keep the socket so
                 # the SHUTDOWN event still reaches it before the monitor exits.
-                self._stop_reading()
+                self.stop_reading()
             else:
                 self.close()
             return
@@ -232,7 +232,7 @@ class Connection:
             self._handle(value)
             if self._async_reply is not None:
                 self._backlog.extend(values[index + 1:])
-                self._stop_reading()
+                self.stop_reading()
                 return
 
     def _handle(self, value: bytes | ParseFailure) -> None:
@@ -320,7 +320,7 @@ class Connection:
             return
         self.closed = True
         loop = self.server.loop
-        self._stop_reading()
+        self.stop_reading()
         if self._writer_registered:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_writer(self.sock.fileno())
@@ -347,6 +347,7 @@ class QmpServer:
         self.listeners: list[socket.socket] = []
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[Reply]] = set()  # async commands under way
+        self.closing = False
         try:
             for path in paths:
                 self.listeners.append(create_unix_listener(path, "QMP socket"))
@@ -386,13 +387,18 @@ class QmpServer:
 
     def close(self) -> None:
         """Ends async commands, flushes pending output (briefly), closes clients and sockets."""
+        # Nothing new may start while the commands still running unwind.
+        self.closing = True
+        for listener in self.listeners:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(listener.fileno())
+        for connection in list(self.connections):
+            connection.stop_reading()
         self._end_async_commands()
         deadline = time.monotonic() + FLUSH_AT_EXIT_SECONDS
         for connection in list(self.connections):
             connection.close_at_exit(deadline)
         for listener in self.listeners:
-            with contextlib.suppress(ValueError, OSError):
-                self.loop.remove_reader(listener.fileno())
             listener.close()
         for path in self.paths:
             remove_socket_file(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -172,12 +173,26 @@ def test_shutdown_with_the_loop_stopped_cancels_pending_commands(tmp_path, monke
     while not entered and time.monotonic() < deadline:
         loop.run_until_complete(asyncio.sleep(0.01))
     assert entered
+    # Another client's command arrives while the server is closing: the machine is
+    # about to be torn down, so it must not run.
+    other = socket.socket(socket.AF_UNIX)
+    other.connect(str(tmp_path / "q.sock"))
+    loop.run_until_complete(asyncio.sleep(0.05))  # accepted, greeted
+    other.sendall(b'{"execute":"test-forever","id":"late"}')
     started = time.monotonic()
     server.close()
     assert time.monotonic() - started < 5
-    assert cancelled and not server.tasks
+    assert cancelled == [True] and entered == [True] and not server.tasks
+    other.settimeout(5)
+    received = b""
+    # Closed with the request unread: the peer may reset rather than end the stream.
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := other.recv(65536):
+            received += chunk
+    assert b'"late"' not in received
     loop.close()
     client.close()
+    other.close()
 
 
 def test_synchronous_commands_create_no_task(harness):
