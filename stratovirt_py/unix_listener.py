@@ -28,6 +28,7 @@ def create_unix_listener(path: str, what: str) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     directory, name = os.path.split(path)
     temporary = os.path.join(directory, f".{name}.{os.getpid()}.{next(_temporary_names)}~")
+    held = -1
     old_umask = os.umask(0o177)
     try:
         try:
@@ -37,11 +38,18 @@ def create_unix_listener(path: str, what: str) -> socket.socket:
             # existing name too, so binding the real name is just as safe.
             temporary = path
             listener.bind(path)
+        # Held from the name we just bound, so it is our socket's inode for sure.
+        held = os.open(temporary, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         listener.listen(8)
         if temporary != path:
             os.link(temporary, path)
     except OSError as exc:
         listener.close()
+        if held >= 0:
+            os.close(held)
+            if temporary == path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         if exc.errno in (errno.EEXIST, errno.EADDRINUSE):
             raise ConfigError(f"{what} '{path}' already exists: remove it or choose another "
                               "path") from None
@@ -51,7 +59,7 @@ def create_unix_listener(path: str, what: str) -> socket.socket:
         if temporary != path:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
-    _created[path] = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    _created[path] = held
     return listener
 
 
