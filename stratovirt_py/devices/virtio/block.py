@@ -75,7 +75,7 @@ def open_image(path: str, flags: int) -> int:
         raise BackendError(errno.EINVAL, f"Could not open '{path}': invalid file name") from None
     try:
         mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        if not (stat.S_ISREG(mode) or _is_block_device(mode)):
             raise BackendError(errno.ENODEV, f"Could not open '{path}': not a regular file "
                                "or block device")
         os.set_blocking(fd, True)
@@ -106,12 +106,14 @@ class DiskBackend:
             fd = buffered_fd
             if drive.direct:
                 try:
-                    # The same file again (not a FIFO swapped in meanwhile: it is checked).
-                    fd = open_image(drive.path, flags | os.O_DIRECT)
-                except BackendError as exc:
+                    # Through /proc: the very file just opened, whatever the path
+                    # names by now.
+                    fd = os.open(f"/proc/self/fd/{buffered_fd}",
+                                 flags | os.O_DIRECT | os.O_CLOEXEC)
+                except OSError as exc:
                     if exc.errno != errno.EINVAL:
-                        raise BackendError(exc.errno, f"{exc.strerror} (with O_DIRECT)") \
-                            from None
+                        raise BackendError(exc.errno, f"Could not open '{drive.path}' with "
+                                           f"O_DIRECT: {exc.strerror}") from None
                     # tmpfs and some others have no O_DIRECT; the data still gets there.
                     log.warning("'%s' does not support O_DIRECT; using buffered I/O",
                                 drive.path)
