@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-from stratovirt_py.errors import ConfigError
+from stratovirt_py.errors import ConfigError, shorten
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -42,9 +42,9 @@ def parse_size(text: str, what: str, default_unit: int = MiB) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)[bB]?\s*", text)
     if not match:
         raise ConfigError(
-            f"invalid {what} '{_shorten(text)}': expected a number with an optional K/M/G suffix")
+            f"invalid {what} '{shorten(text)}': expected a number with an optional K/M/G suffix")
     if len(match.group(1)) > MAX_NUMBER_DIGITS:
-        raise ConfigError(f"invalid {what} '{_shorten(text)}': the number is too large")
+        raise ConfigError(f"invalid {what} '{shorten(text)}': the number is too large")
     number, suffix = int(match.group(1)), match.group(2).lower()
     unit = _SIZE_SUFFIXES[suffix] or default_unit
     return number * unit
@@ -61,16 +61,12 @@ def parse_bool(text: str, what: str) -> bool:
 
 def parse_int(text: str, what: str) -> int:
     if len(text) > MAX_NUMBER_DIGITS:
-        raise ConfigError(f"invalid {what} '{_shorten(text)}': the number is too large")
+        raise ConfigError(f"invalid {what} '{shorten(text)}': the number is too large")
     try:
         return int(text, 0)
     except ValueError:
         raise ConfigError(f"invalid {what} '{text}': expected an integer") from None
 
-
-def _shorten(text: str, limit: int = 40) -> str:
-    """User input quoted in an error, cut to a readable length."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def split_options(text: str, option: str, positional: str | None = None) -> dict[str, str]:

@@ -22,3 +22,8 @@ def error_line(message: object) -> str:
     text = str(message).encode("utf-8", "backslashreplace").decode("utf-8")
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return f"stratovirt-py: error: {text}\n"
+
+
+def shorten(text: str, limit: int = 40) -> str:
+    """User input quoted in an error message, cut to a readable length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -12,6 +12,7 @@ from typing import Any
 
 from stratovirt_py.config import MAX_DISKS, DriveConfig
 from stratovirt_py.disks import DiskError, DiskSlots
+from stratovirt_py.errors import shorten
 from stratovirt_py.qmp.protocol import QmpError
 from stratovirt_py.qmp.registry import CommandContext, ManagedMachine, command
 from stratovirt_py.qmp.schema import Arg, opt
@@ -97,7 +98,7 @@ def _slot_from(args: dict[str, Any], device_id: str) -> int | None:
                 return int(addr, 0)
         except ValueError:
             pass
-        raise QmpError(f"Invalid addr '{addr[:32]}' for device '{device_id}'")
+        raise QmpError(f"Invalid addr '{shorten(addr)}' for device '{device_id}'")
     if "lun" in args:
         lun = args["lun"]
         if not isinstance(lun, int) or isinstance(lun, bool):

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stratovirt_py.errors import shorten
+
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_NESTING = 1024
 WHITESPACE = b" \t\r\n"
@@ -258,8 +260,7 @@ def _reject_constant(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        shown = text if len(text) <= 32 else text[:29] + "..."
-        raise ValueError(f"number '{shown}' out of range")
+        raise ValueError(f"number '{shorten(text)}' out of range")
     return value
 
 

@@ -176,7 +176,7 @@ def test_device_del_waits_off_the_event_loop(slots, tmp_path):
     ([[[[1]]]], "Invalid parameter type for 'addr', expected: string"),
     ({"a": 1}, "Invalid parameter type for 'addr', expected: string"),
     ("zero", "Invalid addr 'zero' for device 'd'"),
-    ("9" * 5000, "Invalid addr '" + "9" * 32 + "' for device 'd'"),
+    ("9" * 5000, "Invalid addr '" + "9" * 40 + "... (5000 characters)' for device 'd'"),
     ("-0x1", "Invalid addr -0x1: the disk slots are 0x0 (vda) to 0x5 (vdf)"),
 ])
 def test_bad_addr_is_a_clear_error(slots, tmp_path, addr, desc):
