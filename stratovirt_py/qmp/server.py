@@ -183,20 +183,24 @@ class Connection:
         first_new = self._values_received
         self._values_received += len(values)
         if fds:
-            self._assign_fds(fds, self._fd_owner(continued, started_before), first_new)
+            self._assign_fds(fds, self._fd_owner(data, continued, started_before), first_new)
         self._handle_values(values)
         self.flush()
 
-    def _fd_owner(self, continued: int | None, started_before: int) -> int:
+    def _fd_owner(self, data: bytes, continued: int | None, started_before: int) -> int:
         """The number of the value that fds received with the last read belong to.
 
         The kernel ends a read with the message that carried fds, so the fds
         go with the last value that started in it (libvirt sends the fd with
         the command); else with the value the read continued; else with the
         next value to start (qemu.qmp sends the fd with a lone space, then
-        the command).
+        the command).  A read that ends in a lone space after a complete value
+        is qemu.qmp's space merged behind an earlier command: the next value's.
         """
         started_now = self.splitter.values_started
+        lone_space = data.endswith(b" ") and data[-2:-1] not in b" \t\r\n"
+        if lone_space and self.splitter.current_value is None:
+            return started_now
         if started_now > started_before:
             return started_now - 1
         if continued is not None:

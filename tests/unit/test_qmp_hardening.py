@@ -255,6 +255,19 @@ def test_fd_received_between_values_goes_to_the_next_command(harness, pipes):
     assert pipe.held_by_server()
 
 
+def test_qemu_qmp_space_merged_behind_a_command_goes_to_the_next_command(harness, pipes):
+    """qemu.qmp's fd-carrying space read together with the command before it (the
+    monitor was busy): the fd is for the getfd that follows, not for that command."""
+    client = greeted(harness)
+    pipe = pipes()
+    send_fd(client, b'{"execute":"query-status","id":0} ', pipe.read_end)
+    pipe.sent()
+    assert strict_message(client)["id"] == 0
+    client.send(b'{"execute":"getfd","arguments":{"fdname":"f"},"id":1}')
+    assert strict_message(client) == {"return": {}, "id": 1}
+    assert pipe.held_by_server()
+
+
 def test_fd_received_mid_value_goes_to_that_value(harness, pipes):
     client = greeted(harness)
     pipe = pipes()
