@@ -94,7 +94,7 @@ struct svpy_blk {
     struct svpy_blk_stats stats;
     unsigned long aio;
     uint32_t inflight;
-    struct svpy_blk_request requests[];
+    struct svpy_blk_request requests[...];
     ...;
 };
 
