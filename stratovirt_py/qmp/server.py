@@ -389,9 +389,13 @@ class QmpServer:
             if connection.events_enabled:
                 connection.deliver_event(name, encoded)
 
-    def close(self) -> None:
-        """Ends async commands, flushes pending output (briefly), closes clients and sockets."""
-        # Nothing new may start while the commands still running unwind.
+    def stop_serving(self) -> None:
+        """No command may start any more, and those still running are ended; idempotent.
+
+        Clients stay connected, so that what is still to be sent (SHUTDOWN) reaches them.
+        """
+        if self.closing:
+            return
         self.closing = True
         for listener in self.listeners:
             with contextlib.suppress(ValueError, OSError):
@@ -399,6 +403,10 @@ class QmpServer:
         for connection in list(self.connections):
             connection.stop_reading()
         self._end_async_commands()
+
+    def close(self) -> None:
+        """Flushes pending output (briefly), closes clients and removes the sockets."""
+        self.stop_serving()
         deadline = time.monotonic() + FLUSH_AT_EXIT_SECONDS
         for connection in list(self.connections):
             connection.close_at_exit(deadline)
