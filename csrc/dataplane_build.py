@@ -81,8 +81,15 @@ struct svpy_blk_request {
     ...;
 };
 
-struct svpy_blk {
+#define SVPY_MAX_QUEUES ...
+struct svpy_device {
     struct svpy_virtio_shared shared;
+    unsigned num_queues;
+    ...;
+};
+
+struct svpy_blk {
+    struct svpy_device dev;
     struct svpy_virtqueue vq;
     int fd;
     int buffered_fd;
@@ -138,7 +145,7 @@ struct svpy_mmio_fastpath {
 long svpy_vcpu_run(int vcpu_fd, void *run, struct svpy_mmio_fastpath *fastpath);
 
 int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int irqfd,
-                  int error_fd, int kick_fd);
+                  int error_fd, const int *kick_fds);
 int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread);
 void svpy_blk_process(struct svpy_blk *blk);
 void svpy_blk_drain(struct svpy_blk *blk, int complete);

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import ClassVar
 
+from stratovirt_py.builder import build_vm
 from stratovirt_py.config import MachineConfig
 from stratovirt_py.errors import ConfigError, MonitorError, error_line
 from stratovirt_py.kvm import KvmError
@@ -160,7 +161,7 @@ def _run(config: MachineConfig, ready_pipe: int | None) -> int:
             # Sockets first: a path that exists is refused before any VM work.
             qmp = QmpServer(machine, loop, config.qmp_sockets)
             machine.event_listeners.append(qmp.broadcast_event)
-            machine.build()
+            build_vm(machine)
             qmp.start()
             machine.start()
             _report_to_parent(ready_pipe, b"ready")
@@ -174,10 +175,13 @@ def _run(config: MachineConfig, ready_pipe: int | None) -> int:
                 log.info("VM exits: %s", request.message)
             return request.status
     finally:
-        # QMP first: no command may start (or still run) on a machine being torn down.
+        # No command may start (or still run) on a machine being torn down; the
+        # clients are told the rest (SHUTDOWN) and let go once it is down.
+        if qmp is not None:
+            qmp.stop_serving()
+        machine.destroy()
         if qmp is not None:
             qmp.close()
-        machine.destroy()
         loop.close()
 
 

@@ -16,7 +16,7 @@ from stratovirt_py.devices.virtio.block import (
     DiskBackend,
     VirtioBlock,
 )
-from stratovirt_py.devices.virtio.dataplane import IoThread, device_lock
+from stratovirt_py.devices.virtio.dataplane import DeviceWiring, IoThread, device_lock
 from stratovirt_py.devices.virtio.mmio import VIRTIO_F_RING_INDIRECT_DESC, QueueSetup
 
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
@@ -219,8 +219,8 @@ class Rig:
         self.fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
         self.irqfd, self.error_fd, self.kick_fd = self.fds
         self.iothread = IoThread()
-        self.device = VirtioBlock("vdt", self.guest.mem, self.iothread, self.irqfd,
-                                  self.error_fd, self.kick_fd)
+        self.device = VirtioBlock("vdt", DeviceWiring(self.guest.mem, self.iothread, self.irqfd,
+                                                      self.error_fd, (self.kick_fd,)))
         drive = DriveConfig("d", str(self.image), read_only=read_only, direct=direct,
                             serial=serial)
         self.device.set_backend(DiskBackend.open(drive))

@@ -359,7 +359,7 @@ void svpy_blk_process(struct svpy_blk *blk)
     bool completed = false;
     unsigned requests = 0;
 
-    if (!vq->active || __atomic_load_n(&blk->shared.broken, __ATOMIC_SEQ_CST))
+    if (!vq->active || __atomic_load_n(&blk->dev.shared.broken, __ATOMIC_SEQ_CST))
         return;
     blk->pass_bytes = 0;
     do {
@@ -375,14 +375,14 @@ void svpy_blk_process(struct svpy_blk *blk)
                 /* The rest waits for the I/O thread's next turn, after the
                  * other devices and whoever waits for this device's lock. */
                 blk->stats.yields++;
-                svpy_eventfd_signal(blk->kick.fd);
+                svpy_device_requeue(&blk->dev, 0);
                 goto out;
             }
-            ret = svpy_vq_pop(vq, blk->mem, &blk->chain);
+            ret = svpy_vq_pop(vq, blk->dev.mem, &blk->chain);
             if (ret == 0)
                 break;
             if (ret < 0) {
-                svpy_mark_broken(&blk->shared, ret);
+                svpy_mark_broken(&blk->dev.shared, ret);
                 goto out;
             }
             requests++;
@@ -390,7 +390,7 @@ void svpy_blk_process(struct svpy_blk *blk)
             case REQUEST_IN_FLIGHT:
                 continue;
             case REQUEST_MALFORMED:
-                svpy_mark_broken(&blk->shared, SVPY_VQ_ERR_REQUEST);
+                svpy_mark_broken(&blk->dev.shared, SVPY_VQ_ERR_REQUEST);
                 goto out;
             case REQUEST_ANSWERED:
                 break;
@@ -401,7 +401,7 @@ void svpy_blk_process(struct svpy_blk *blk)
     } while (svpy_vq_enable_notify(vq));
 out:
     if (completed && svpy_vq_should_interrupt(vq))
-        svpy_raise_interrupt(&blk->shared, SVPY_INT_VRING);
+        svpy_raise_interrupt(&blk->dev.shared, SVPY_INT_VRING);
 }
 
 /* --- Linux AIO for O_DIRECT requests ------------------------------------ */
@@ -551,7 +551,7 @@ void svpy_blk_drain(struct svpy_blk *blk, int complete)
     while (blk->aio && blk->inflight)
         completed += reap(blk, (long)blk->inflight, complete && blk->vq.active);
     if (completed && complete && svpy_vq_should_interrupt(&blk->vq))
-        svpy_raise_interrupt(&blk->shared, SVPY_INT_VRING);
+        svpy_raise_interrupt(&blk->dev.shared, SVPY_INT_VRING);
 }
 
 static void on_aio_complete(void *context)
@@ -561,37 +561,26 @@ static void on_aio_complete(void *context)
 
     if (read(blk->aio_watch.fd, &count, sizeof(count)) < 0 && errno != EAGAIN)
         return;
-    svpy_lock(&blk->shared);
+    svpy_lock(&blk->dev.shared);
     if (reap(blk, 0, blk->vq.active) && svpy_vq_should_interrupt(&blk->vq))
-        svpy_raise_interrupt(&blk->shared, SVPY_INT_VRING);
+        svpy_raise_interrupt(&blk->dev.shared, SVPY_INT_VRING);
     /* Requests may be waiting for a free slot. */
     svpy_blk_process(blk);
-    svpy_unlock(&blk->shared);
+    svpy_unlock(&blk->dev.shared);
 }
 
-static void on_kick(void *context)
+static void on_queue_notified(struct svpy_device *dev, unsigned queue)
 {
-    struct svpy_blk *blk = context;
-    uint64_t count;
-
-    /* Clear the ioeventfd; several notifications collapse into one pass. */
-    if (read(blk->kick.fd, &count, sizeof(count)) < 0 && errno != EAGAIN)
-        return;
-    svpy_lock(&blk->shared);
-    svpy_blk_process(blk);
-    svpy_unlock(&blk->shared);
+    (void)queue; /* one queue */
+    svpy_blk_process((struct svpy_blk *)dev);
 }
 
 int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int irqfd,
-                  int error_fd, int kick_fd)
+                  int error_fd, const int *kick_fds)
 {
-    blk->mem = mem;
     blk->fd = -1;
     blk->buffered_fd = -1;
     blk->capacity = 0;
-    blk->kick.fd = kick_fd;
-    blk->kick.handler = on_kick;
-    blk->kick.context = blk;
     blk->inflight = 0;
     blk->aio = 0;
     blk->aio_watch.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -599,7 +588,7 @@ int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int
     blk->aio_watch.context = blk;
     if (blk->aio_watch.fd < 0)
         return -errno;
-    return svpy_shared_init(&blk->shared, irqfd, error_fd);
+    return svpy_device_init(&blk->dev, mem, irqfd, error_fd, 1, kick_fds, on_queue_notified);
 }
 
 int svpy_blk_enable_aio(struct svpy_blk *blk)
@@ -614,7 +603,7 @@ int svpy_blk_enable_aio(struct svpy_blk *blk)
 
 int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread)
 {
-    int ret = svpy_iothread_watch(thread, &blk->kick);
+    int ret = svpy_device_attach(&blk->dev, thread);
 
     return ret ? ret : svpy_iothread_watch(thread, &blk->aio_watch);
 }
@@ -628,5 +617,5 @@ void svpy_blk_destroy(struct svpy_blk *blk)
     if (blk->aio_watch.fd >= 0)
         close(blk->aio_watch.fd);
     blk->aio_watch.fd = -1;
-    svpy_shared_destroy(&blk->shared);
+    svpy_device_destroy(&blk->dev);
 }

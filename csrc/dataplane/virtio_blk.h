@@ -76,10 +76,8 @@ struct svpy_blk_request {
 };
 
 struct svpy_blk {
-    struct svpy_virtio_shared shared;
+    struct svpy_device dev; /* first: the generic part */
     struct svpy_virtqueue vq;
-    const struct svpy_guest_memory *mem;
-    struct svpy_watch kick;
     /* Backend; fd < 0 is an empty slot (capacity 0). */
     int fd;
     int buffered_fd; /* the same file without O_DIRECT, for misaligned requests */
@@ -102,10 +100,10 @@ struct svpy_blk {
 };
 
 int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int irqfd,
-                  int error_fd, int kick_fd);
-/* Listens for the guest's queue notifications on `thread`. */
+                  int error_fd, const int *kick_fds);
+/* Listens for the guest's queue notifications and AIO completions on `thread`. */
 int svpy_blk_attach(struct svpy_blk *blk, struct svpy_iothread *thread);
-/* Drains the queue; the caller holds blk->shared.lock. */
+/* Drains the queue; the caller holds the device lock. */
 void svpy_blk_process(struct svpy_blk *blk);
 /* Waits for requests in flight (lock held).  With `complete`, they are
  * answered in the used ring; without (device reset), they are forgotten.  If

@@ -1,29 +1,31 @@
-"""QMP hot-plug: blockdev-add/-del and device_add/device_del, as the spec shows them.
+"""QMP hot-plug: blockdev-add/-del, device_add and device_del, as the spec shows them.
 
 Both the spec's (StratoVirt) argument shapes and QEMU's are accepted:
 `{"node-name", "file": {"driver": "file", "filename"}, "cache": {"direct"},
 "read-only"}`, with or without a top-level `"driver": "raw"`, and QEMU's flat
-`{"driver": "file", "node-name", "filename"}`.
+`{"driver": "file", "node-name", "filename"}`.  `device_add` checks its
+arguments against the schema of the driver it names, then asks the machine
+for the device; the handlers never touch slots or backends themselves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from stratovirt_py.config import MAX_DISKS, DriveConfig
-from stratovirt_py.disks import DiskError, DiskSlots
 from stratovirt_py.errors import shorten
+from stratovirt_py.hotplug import DeviceRequest, DiskRequest, HotplugError
 from stratovirt_py.qmp.protocol import QmpError
 from stratovirt_py.qmp.registry import CommandContext, ManagedMachine, command
-from stratovirt_py.qmp.schema import Arg, opt
+from stratovirt_py.qmp.schema import Arg, Schema, check_arguments, opt
 
-BLOCK_DRIVERS = ("virtio-blk-mmio", "virtio-blk-device")
 AIO_MODES = ("native", "io_uring", "threads", "off")
 # device_add properties that QEMU, StratoVirt, libvirt or Kata send and that
 # change nothing on a microvm slot.
 IGNORED_DEVICE_PROPERTIES = {"bus", "iothread", "bootindex", "boot_index", "num-queues",
                              "queue-size", "chardev", "multifunction"}
-BLOCK_DEVICE_PROPERTIES = {"id", "driver", "addr", "lun", "drive", "serial"}
 
 BLOCKDEV_SCHEMA = {
     "node-name": Arg("str"),
@@ -48,17 +50,10 @@ BLOCKDEV_SCHEMA = {
 }
 
 
-def _disks(machine: ManagedMachine) -> DiskSlots:
-    disks = machine.disks
-    if disks is None:
-        raise QmpError("This machine has no disk slots")
-    return disks
-
-
-def _run(action: Any) -> Any:
+def _run(action: Callable[[], Any]) -> Any:
     try:
         return action()
-    except DiskError as exc:
+    except HotplugError as exc:
         raise QmpError(exc.desc, exc.error_class) from None
 
 
@@ -77,12 +72,12 @@ def blockdev_add(machine: ManagedMachine, context: CommandContext, args: dict) -
         # StratoVirt's default: O_DIRECT unless the client asks otherwise.
         direct=args.get("cache", {}).get("direct", True),
     )
-    _run(lambda: _disks(machine).add_node(drive))
+    _run(lambda: machine.blockdev_add(drive))
 
 
 @command("blockdev-del", {"node-name": Arg("str")})
 def blockdev_del(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
-    _run(lambda: _disks(machine).remove_node(args["node-name"]))
+    _run(lambda: machine.blockdev_del(args["node-name"]))
 
 
 def _slot_from(args: dict[str, Any], device_id: str) -> int | None:
@@ -111,27 +106,43 @@ def _slot_from(args: dict[str, Any], device_id: str) -> int | None:
     return None
 
 
-@command("device_add", {"driver": Arg("str"), "id": opt("str")} | {
-    name: opt("any") for name in BLOCK_DEVICE_PROPERTIES | IGNORED_DEVICE_PROPERTIES
-    if name not in ("driver", "id")})
+def _disk_request(args: dict[str, Any]) -> DeviceRequest:
+    device_id = args["id"]
+    return DiskRequest(device_id, args.get("drive", device_id), _slot_from(args, device_id),
+                       args.get("serial"))
+
+
+@dataclass(frozen=True)
+class DeviceDriver:
+    """A device_add driver: its own arguments, and the request they make."""
+
+    schema: Schema
+    request: Callable[[dict[str, Any]], DeviceRequest]
+
+
+BLOCK_DRIVER = DeviceDriver({"id": Arg("str"), "drive": opt("str"), "addr": opt("any"),
+                             "lun": opt("int"), "serial": opt("str")}, _disk_request)
+DRIVERS = {"virtio-blk-mmio": BLOCK_DRIVER, "virtio-blk-device": BLOCK_DRIVER}
+
+
+@command("device_add", {"driver": Arg("str")} | {
+    name: opt("any") for driver in DRIVERS.values() for name in driver.schema}
+    | {name: opt("any") for name in IGNORED_DEVICE_PROPERTIES})
 def device_add(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
-    driver = args["driver"]
-    if driver not in BLOCK_DRIVERS:
-        raise QmpError(f"'{driver}' is not a valid device model name")
-    unknown = sorted(set(args) - BLOCK_DEVICE_PROPERTIES - IGNORED_DEVICE_PROPERTIES)
+    name = args["driver"]
+    driver = DRIVERS.get(name)
+    if driver is None:
+        raise QmpError(f"'{name}' is not a valid device model name")
+    properties = {key: value for key, value in args.items()
+                  if key != "driver" and key not in IGNORED_DEVICE_PROPERTIES}
+    unknown = sorted(set(properties) - set(driver.schema))
     if unknown:
-        raise QmpError(f"Property '{driver}.{unknown[0]}' not found")
-    device_id = args.get("id")
-    if not isinstance(device_id, str) or not device_id:
+        raise QmpError(f"Property '{name}.{unknown[0]}' not found")
+    check_arguments(properties, driver.schema)
+    if not properties["id"]:
         raise QmpError("Parameter 'id' is missing")
-    node = args.get("drive", device_id)
-    if not isinstance(node, str):
-        raise QmpError("Invalid parameter type for 'drive', expected: string")
-    slot = _slot_from(args, device_id)
-    serial = args.get("serial")
-    if serial is not None and not isinstance(serial, str):
-        raise QmpError("Invalid parameter type for 'serial', expected: string")
-    _run(lambda: _disks(machine).attach(slot, device_id, node, serial=serial))
+    request = driver.request(properties)
+    _run(lambda: machine.device_add(request))
 
 
 @command("device_del", {"id": Arg("str")})
@@ -140,5 +151,5 @@ async def device_del(machine: ManagedMachine, context: CommandContext, args: dic
     # before this returns: the removal is complete before the return.
     try:
         await machine.device_del(args["id"])
-    except DiskError as exc:
+    except HotplugError as exc:
         raise QmpError(exc.desc, exc.error_class) from None

@@ -19,8 +19,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from stratovirt_py.config import MachineConfig
-from stratovirt_py.disks import DiskSlots
+from stratovirt_py.config import DriveConfig, MachineConfig
+from stratovirt_py.hotplug import DeviceRequest
 from stratovirt_py.lifecycle import RunState
 from stratovirt_py.machine import ExitRequest
 from stratovirt_py.qmp.protocol import QmpError, error_message, return_message
@@ -56,12 +56,17 @@ class ManagedMachine(Protocol):
     def powerdown(self) -> None: ...
 
     async def device_del(self, device_id: str) -> None:
-        """Raises DiskError; emits DEVICE_DELETED before it returns."""
+        """Raises HotplugError; emits DEVICE_DELETED before it returns."""
 
     def emit_event(self, name: str, data: dict[str, Any]) -> None: ...
 
-    @property
-    def disks(self) -> DiskSlots | None: ...
+    # Hot-plug; refusals are HotplugErrors.
+
+    def blockdev_add(self, drive: DriveConfig) -> None: ...
+
+    def blockdev_del(self, node_name: str) -> None: ...
+
+    def device_add(self, request: DeviceRequest) -> None: ...
 
 
 class CommandContext(Protocol):

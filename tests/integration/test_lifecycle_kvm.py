@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from stratovirt_py.builder import build_vm
 from stratovirt_py.config import DiskConfig, DriveConfig, MachineConfig
 from stratovirt_py.lifecycle import RunState
 from stratovirt_py.machine import MicroVM
@@ -88,10 +89,10 @@ def test_io_thread_failure_ends_the_vm_with_an_error(svtest_guest, tmp_path):
     loop = asyncio.new_event_loop()
     machine = MicroVM(config, loop)
     try:
-        machine.build()
+        build_vm(machine)
         machine.start()
-        iothread = machine.iothread
-        assert iothread is not None
+        assert machine.hardware is not None
+        iothread = machine.hardware.iothread
         # Something that is not an epoll instance under the thread's epoll fd: its next
         # epoll_wait fails, as any failing epoll_wait would.  The guest's I/O wakes it.
         devnull = os.open(os.devnull, os.O_RDONLY)

@@ -1,4 +1,4 @@
-"""The disk slots and block nodes behind blockdev-add/-del and device_add/-del, without KVM."""
+"""Hot-plug without KVM: slots and backends behind blockdev-add/-del and device_add/-del."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
+from stratovirt_py.backends import BackendRegistry
 from stratovirt_py.config import MAX_DISKS, DriveConfig
 from stratovirt_py.devices.virtio.block import DiskBackend
-from stratovirt_py.disks import DiskError, DiskSlots, Slot
+from stratovirt_py.hotplug import Hotplug, HotplugError
 from stratovirt_py.qmp.registry import dispatch
+from stratovirt_py.slots import DISK, Slot, SlotTable
 from tests.unit.test_qmp import FakeContext, FakeMachine, ServerHarness
 
 
@@ -32,11 +34,13 @@ class FakeBlockDevice:
 
 
 @pytest.fixture
-def slots() -> DiskSlots:
-    disks = DiskSlots([Slot(i, FakeBlockDevice(), lambda: None)  # type: ignore[arg-type]
-                       for i in range(MAX_DISKS)])
-    yield disks
-    disks.close()
+def hotplug() -> Hotplug:
+    table = SlotTable()
+    for index in range(MAX_DISKS):
+        table.add(Slot(DISK, index, FakeBlockDevice(), lambda: None))
+    plug = Hotplug(table, BackendRegistry())
+    yield plug
+    plug.close()
 
 
 def image(tmp_path, name: str = "disk.img") -> str:
@@ -45,21 +49,21 @@ def image(tmp_path, name: str = "disk.img") -> str:
     return str(path)
 
 
-def test_a_node_used_by_a_device_of_another_name_cannot_be_added_again(slots, tmp_path):
-    slots.add_node(DriveConfig("node0", image(tmp_path)))
-    slots.attach(None, "dev0", "node0")
-    with pytest.raises(DiskError, match="Duplicate node name 'node0'"):
-        slots.add_node(DriveConfig("node0", image(tmp_path, "other.img")))
+def test_a_node_used_by_a_device_of_another_name_cannot_be_added_again(hotplug, tmp_path):
+    hotplug.blockdev_add(DriveConfig("node0", image(tmp_path)))
+    hotplug.add_disk("dev0", "node0")
+    with pytest.raises(HotplugError, match="Duplicate node name 'node0'"):
+        hotplug.blockdev_add(DriveConfig("node0", image(tmp_path, "other.img")))
     # A node may share a name with a device: QEMU keeps the two apart.
-    slots.add_node(DriveConfig("dev0", image(tmp_path, "third.img")))
+    hotplug.blockdev_add(DriveConfig("dev0", image(tmp_path, "third.img")))
 
 
-def test_device_ids_are_unique(slots, tmp_path):
-    slots.add_node(DriveConfig("a", image(tmp_path, "a.img")))
-    slots.add_node(DriveConfig("b", image(tmp_path, "b.img")))
-    slots.attach(None, "dev", "a")
-    with pytest.raises(DiskError, match="Duplicate device ID 'dev'"):
-        slots.attach(None, "dev", "b")
+def test_device_ids_are_unique(hotplug, tmp_path):
+    hotplug.blockdev_add(DriveConfig("a", image(tmp_path, "a.img")))
+    hotplug.blockdev_add(DriveConfig("b", image(tmp_path, "b.img")))
+    hotplug.add_disk("dev", "a")
+    with pytest.raises(HotplugError, match="Duplicate device ID 'dev'"):
+        hotplug.add_disk("dev", "b")
 
 
 def run_with_timeout(action, timeout: float = 5.0) -> Any:
@@ -80,35 +84,35 @@ def run_with_timeout(action, timeout: float = 5.0) -> Any:
 
 
 @pytest.mark.parametrize("read_only", [False, True])
-def test_a_fifo_is_refused_at_once_instead_of_blocking(slots, tmp_path, read_only):
+def test_a_fifo_is_refused_at_once_instead_of_blocking(hotplug, tmp_path, read_only):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    error = run_with_timeout(lambda: slots.add_node(DriveConfig("f", str(fifo),
+    error = run_with_timeout(lambda: hotplug.blockdev_add(DriveConfig("f", str(fifo),
                                                                 read_only=read_only)))
-    assert isinstance(error, DiskError)
+    assert isinstance(error, HotplugError)
     assert error.desc == f"Could not open '{fifo}': not a regular file or block device"
-    assert "f" not in slots.nodes
+    assert "f" not in hotplug.backends.nodes
 
 
-def test_a_file_name_with_nul_is_a_clear_error(slots):
-    with pytest.raises(DiskError, match="invalid file name"):
-        slots.add_node(DriveConfig("n", "/tmp/a\0b"))
+def test_a_file_name_with_nul_is_a_clear_error(hotplug):
+    with pytest.raises(HotplugError, match="invalid file name"):
+        hotplug.blockdev_add(DriveConfig("n", "/tmp/a\0b"))
 
 
-def test_unplug_keeps_the_slot_reserved_until_it_is_finished(slots, tmp_path):
-    slots.add_node(DriveConfig("a", image(tmp_path, "a.img")))
-    slot = slots.attach(0, "a", "a")
-    started = slots.begin_detach("a")
+def test_unplug_keeps_the_slot_reserved_until_it_is_finished(hotplug, tmp_path):
+    hotplug.blockdev_add(DriveConfig("a", image(tmp_path, "a.img")))
+    slot = hotplug.add_disk("a", "a", 0)
+    started = hotplug.slots.begin_release("a")
     assert started is slot
-    with pytest.raises(DiskError, match="already in the process of unplug"):
-        slots.begin_detach("a")
-    slots.add_node(DriveConfig("b", image(tmp_path, "b.img")))
-    with pytest.raises(DiskError, match="occupied by 'a'"):
-        slots.attach(0, "b", "b")
-    slots.empty(slot)
-    slots.finish_detach(slot)
+    with pytest.raises(HotplugError, match="already in the process of unplug"):
+        hotplug.slots.begin_release("a")
+    hotplug.blockdev_add(DriveConfig("b", image(tmp_path, "b.img")))
+    with pytest.raises(HotplugError, match="occupied by 'a'"):
+        hotplug.add_disk("b", "b", 0)
+    hotplug.empty(slot)
+    hotplug.slots.release(slot)
     assert slot.device_id is None and slot.device.backend is None
-    slots.attach(0, "b", "b")
+    hotplug.add_disk("b", "b", 0)
 
 
 def qmp(machine, name: str, **arguments) -> dict:
@@ -119,36 +123,25 @@ def qmp(machine, name: str, **arguments) -> dict:
     (-1, "Invalid lun -1: luns 0 (vdb) to 4 (vdf) are the disk slots after vda"),
     (5, "Invalid lun 5: luns 0 (vdb) to 4 (vdf) are the disk slots after vda"),
 ])
-def test_lun_outside_the_slots_is_refused(slots, tmp_path, lun, desc):
+def test_lun_outside_the_slots_is_refused(hotplug, tmp_path, lun, desc):
     machine = FakeMachine()
-    machine.disks = slots
+    machine.hotplug = hotplug
     assert qmp(machine, "blockdev-add", **{"node-name": "d", "file": {
         "driver": "file", "filename": image(tmp_path)}}) == {"return": {}}
     reply = qmp(machine, "device_add", id="d", driver="virtio-blk-mmio", lun=lun)
     assert reply == {"error": {"class": "GenericError", "desc": desc}}
-    assert all(slot.device_id is None for slot in slots.slots)
+    assert all(slot.device_id is None for slot in hotplug.slots)
     assert qmp(machine, "device_add", id="d", driver="virtio-blk-mmio", lun=4) == {"return": {}}
-    assert slots.slots[5].device_id == "d"
+    assert hotplug.slots.of_kind(DISK)[5].device_id == "d"
 
 
-class DiskMachine(FakeMachine):
-    """The fake machine with real disk slots; device_del as MicroVM does it."""
-
-    def __init__(self, disks: DiskSlots) -> None:
-        super().__init__()
-        self.disks = disks
-
-    async def device_del(self, device_id: str) -> None:
-        await self.disks.detach(device_id)
-        self.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})
-
-
-def test_device_del_waits_off_the_event_loop(slots, tmp_path):
+def test_device_del_waits_off_the_event_loop(hotplug, tmp_path):
     """Draining and syncing a disk used to run on the loop: no other client was answered."""
-    machine = DiskMachine(slots)
-    slots.add_node(DriveConfig("d", image(tmp_path)))
-    slot = slots.attach(0, "d", "d")
-    slots.add_node(DriveConfig("x", image(tmp_path, "x.img")))
+    machine = FakeMachine()
+    machine.hotplug = hotplug
+    hotplug.blockdev_add(DriveConfig("d", image(tmp_path)))
+    slot = hotplug.add_disk("d", "d", 0)
+    hotplug.blockdev_add(DriveConfig("x", image(tmp_path, "x.img")))
     gate = slot.device.gate = threading.Event()
     harness = ServerHarness(str(tmp_path / "qmp.sock"), machine)
     try:
@@ -177,11 +170,11 @@ def test_device_del_waits_off_the_event_loop(slots, tmp_path):
     ({"a": 1}, "Invalid parameter type for 'addr', expected: string"),
     ("zero", "Invalid addr 'zero' for device 'd'"),
     ("9" * 5000, "Invalid addr '" + "9" * 40 + "... (5000 characters)' for device 'd'"),
-    ("-0x1", "Invalid addr -0x1: the disk slots are 0x0 (vda) to 0x5 (vdf)"),
+    ("-0x1", "Invalid addr -0x1: the virtio-blk disk slots are 0x0 (vda) to 0x5 (vdf)"),
 ])
-def test_bad_addr_is_a_clear_error(slots, tmp_path, addr, desc):
+def test_bad_addr_is_a_clear_error(hotplug, tmp_path, addr, desc):
     machine = FakeMachine()
-    machine.disks = slots
+    machine.hotplug = hotplug
     qmp(machine, "blockdev-add", **{"node-name": "d", "file": {
         "driver": "file", "filename": image(tmp_path)}})
     reply = qmp(machine, "device_add", id="d", driver="virtio-blk-mmio", addr=addr)

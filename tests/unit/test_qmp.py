@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stratovirt_py.config import CpuTopology, MachineConfig
+from stratovirt_py.backends import BackendRegistry
+from stratovirt_py.config import CpuTopology, DriveConfig, MachineConfig
+from stratovirt_py.hotplug import DeviceRequest, Hotplug
 from stratovirt_py.lifecycle import Lifecycle, RunState
 from stratovirt_py.machine import ExitRequest
 from stratovirt_py.qmp.protocol import (
@@ -25,6 +27,7 @@ from stratovirt_py.qmp.protocol import (
 )
 from stratovirt_py.qmp.registry import dispatch
 from stratovirt_py.qmp.server import QmpServer
+from stratovirt_py.slots import SlotTable
 
 GREETING = (b'{"QMP":{"version":{"qemu":{"micro":1,"minor":0,"major":4},"package":""},'
             b'"capabilities":[]}}\r\n')
@@ -56,7 +59,7 @@ class FakeMachine:
         self.vcpus = [FakeVcpu(i) for i in range(cpus)]
         self.lifecycle = Lifecycle(self.vcpus, self.emit_event, pause_timeout=0.01)
         self.lifecycle.started(paused=False)
-        self.disks = None
+        self.hotplug = Hotplug(SlotTable(), BackendRegistry())  # no slots, unless a test adds
 
     @property
     def state(self) -> RunState:
@@ -85,6 +88,19 @@ class FakeMachine:
     def emit_event(self, name: str, data: dict[str, Any]) -> None:
         for listener in self.listeners:
             listener(name, data)
+
+    def blockdev_add(self, drive: DriveConfig) -> None:
+        self.hotplug.blockdev_add(drive)
+
+    def blockdev_del(self, node_name: str) -> None:
+        self.hotplug.blockdev_del(node_name)
+
+    def device_add(self, request: DeviceRequest) -> None:
+        self.hotplug.device_add(request)
+
+    async def device_del(self, device_id: str) -> None:
+        await self.hotplug.detach(device_id)
+        self.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})
 
 
 class FakeContext:

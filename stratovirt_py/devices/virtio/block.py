@@ -15,11 +15,10 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.config import DriveConfig
-from stratovirt_py.devices.virtio.dataplane import IoThread, device_lock
+from stratovirt_py.devices.virtio.dataplane import DeviceWiring, device_lock
 from stratovirt_py.devices.virtio.mmio import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -142,17 +141,17 @@ class VirtioBlock:
     device_id = DEVICE_ID_BLOCK
     queue_max_sizes = (QUEUE_MAX_SIZE,)
 
-    def __init__(self, name: str, c_memory: Any, iothread: IoThread, irqfd: int,
-                 error_fd: int, kick_fd: int) -> None:
+    def __init__(self, name: str, wiring: DeviceWiring) -> None:
         self.name = name
-        self._c_memory = c_memory  # the C side points into it
+        self._c_memory = wiring.c_memory  # the C side points into it
         self.c = ffi.new("struct svpy_blk *")
-        ret = lib.svpy_blk_init(self.c, c_memory, irqfd, error_fd, kick_fd)
+        ret = lib.svpy_blk_init(self.c, wiring.c_memory, wiring.irqfd, wiring.error_fd,
+                                wiring.c_kick_fds)
         if ret < 0:
             raise OSError(-ret, f"{name}: cannot initialise the device lock")
-        self.shared = ffi.addressof(self.c, "shared")
+        self.shared = ffi.addressof(self.c.dev, "shared")
         self.backend: DiskBackend | None = None
-        ret = lib.svpy_blk_attach(self.c, iothread.handle)
+        ret = lib.svpy_blk_attach(self.c, wiring.iothread.handle)
         if ret < 0:
             raise OSError(-ret, f"{name}: cannot watch the queue notifier")
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from stratovirt_py._dataplane import ffi, lib
@@ -73,3 +74,19 @@ class IoThread:
 
     def stop(self) -> None:
         lib.svpy_iothread_stop(self.handle)
+
+
+@dataclass(frozen=True)
+class DeviceWiring:
+    """What a device's data plane is given: guest memory, its I/O thread and its eventfds."""
+
+    c_memory: Any  # struct svpy_guest_memory *
+    iothread: IoThread
+    irqfd: int
+    error_fd: int  # shared by every device: the data plane reports a broken device here
+    kick_fds: tuple[int, ...]  # one per queue, in queue order
+
+    @property
+    def c_kick_fds(self) -> Any:
+        """The kick fds as a C `int[]` (keep it alive while C initialises from it)."""
+        return ffi.new("int[]", list(self.kick_fds))

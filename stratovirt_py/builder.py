@@ -1,0 +1,212 @@
+"""Builds the x86_64 microvm a MachineConfig describes, and hands it to a MicroVM to run.
+
+In order: KVM and its in-kernel irqchip and PIT, guest memory, the devices
+(the virtio-mmio slots first, so that the guest names its disks and NICs in
+a fixed order, then the UART and the reset line), the kernel, initrd, command
+line, zero page and MP table, and the vCPUs with their CPUID and registers.
+Nothing here runs the guest: MicroVM (machine.py) does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import struct
+
+from stratovirt_py.arch.x86_64 import boot_params, layout
+from stratovirt_py.arch.x86_64.boot_params import build_zero_page
+from stratovirt_py.arch.x86_64.cpu_topology import apic_id, apic_ids
+from stratovirt_py.arch.x86_64.cpuid import vcpu_cpuid, with_host_brand
+from stratovirt_py.arch.x86_64.e820 import build_e820
+from stratovirt_py.arch.x86_64.host_quirks import (
+    host_cmdline_additions,
+    host_cpuid_adjustments,
+    host_is_pvm,
+)
+from stratovirt_py.arch.x86_64.loader import LoadedKernel, load_initrd, load_kernel
+from stratovirt_py.arch.x86_64.mptable import (
+    CONFIG_TABLE_ADDR,
+    FLOATING_POINTER_ADDR,
+    build_mptable,
+)
+from stratovirt_py.arch.x86_64.registers import (
+    setup_entry_regs,
+    setup_long_mode_sregs,
+    write_boot_tables,
+)
+from stratovirt_py.backends import BackendRegistry
+from stratovirt_py.config import MAX_DISKS
+from stratovirt_py.devices.bus import Bus
+from stratovirt_py.devices.chardev import create_chardev
+from stratovirt_py.devices.i8042 import I8042
+from stratovirt_py.devices.serial import Serial
+from stratovirt_py.devices.virtio.block import VirtioBlock
+from stratovirt_py.devices.virtio.dataplane import IoThread, c_guest_memory
+from stratovirt_py.devices.virtio.manager import VirtioMmioManager
+from stratovirt_py.errors import BootError, MonitorError
+from stratovirt_py.hotplug import Hotplug, HotplugError
+from stratovirt_py.kvm import Kvm, KvmError, Vcpu, Vm, ffi, lib
+from stratovirt_py.machine import ExitRequest, Hardware, MicroVM
+from stratovirt_py.memory import GuestMemory
+from stratovirt_py.slots import DISK, Slot, SlotTable
+from stratovirt_py.vcpu import install_kick_handler
+
+log = logging.getLogger(__name__)
+
+# Linux x86 keeps at most COMMAND_LINE_SIZE (2048) bytes, NUL included.
+KERNEL_CMDLINE_LIMIT = 2048
+REQUIRED_CAPS = ("KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_IOEVENTFD", "KVM_CAP_IRQFD",
+                 "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_PIT2")
+LAPIC_LVT0 = 0x350
+LAPIC_LVT1 = 0x360
+DELIVERY_MODE_EXTINT = 0x7
+DELIVERY_MODE_NMI = 0x4
+
+
+def build_vm(machine: MicroVM, is_pvm: bool | None = None) -> None:
+    """Builds the VM of `machine.config` and installs it in `machine`."""
+    VmBuilder(machine, host_is_pvm() if is_pvm is None else is_pvm).build()
+
+
+class VmBuilder:
+    def __init__(self, machine: MicroVM, is_pvm: bool) -> None:
+        self.machine = machine
+        self.config = machine.config
+        self.is_pvm = is_pvm
+
+    def build(self) -> None:
+        config = self.config
+        # Parsed already (one config model for every front end), not yet emulated.
+        if config.nics:
+            raise MonitorError("virtio-net devices are not available yet in this version")
+        if config.balloon is not None:
+            raise MonitorError("the virtio-balloon device is not available yet in this version")
+        kvm = self._open_kvm()
+        vm = kvm.create_vm()
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        memory = GuestMemory(config.memory_size, config.dump_guest_core)
+        for slot, region in enumerate(memory.regions):
+            vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+
+        mmio_bus = Bus("MMIO", unclaimed_log_level=logging.WARNING)
+        iothread = IoThread()
+        virtio = VirtioMmioManager(vm, mmio_bus, c_guest_memory(memory), iothread)
+        hotplug = Hotplug(self._add_slots(virtio), BackendRegistry())
+        self._plug_boot_devices(hotplug)
+
+        kernel = load_kernel(memory, config.kernel or "")
+        initrd = load_initrd(memory, config.initrd, kernel) if config.initrd else None
+        cmdline = self._guest_cmdline(virtio)
+        self._write_cmdline(memory, kernel, cmdline)
+        e820 = build_e820([(r.guest_addr, r.size) for r in memory.regions])
+        memory.write(layout.ZERO_PAGE_ADDR,
+                     build_zero_page(e820, len(cmdline), kernel.setup_header, initrd))
+        pointer, table = build_mptable(apic_ids(config.topology), config.topology.cpus)
+        memory.write(FLOATING_POINTER_ADDR, pointer)
+        memory.write(CONFIG_TABLE_ADDR, table)
+        write_boot_tables(memory)
+
+        pio_bus = Bus("port I/O")
+        chardev = create_chardev(config.serial)
+        serial = Serial(chardev.write,
+                        lambda level: vm.set_irq_line(layout.SERIAL_IRQ, int(level)))
+        pio_bus.insert(layout.SERIAL_PORT_BASE, 8, serial)
+        pio_bus.insert(0x60, 5, I8042(functools.partial(
+            self.machine.request_exit,
+            ExitRequest(0, True, "guest-reset", "guest requested a reset"))))
+
+        vcpus = self._create_vcpus(kvm, vm, kernel)
+        self.machine.install(Hardware(
+            kvm=kvm, vm=vm, memory=memory, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
+            chardev=chardev, serial=serial, virtio=virtio, iothread=iothread, hotplug=hotplug,
+            cmdline=cmdline))
+        log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
+                 config.topology.cpus, config.memory_size >> 20, config.kernel, cmdline)
+
+    @staticmethod
+    def _open_kvm() -> Kvm:
+        try:
+            kvm = Kvm()
+        except KvmError as exc:
+            raise MonitorError(f"cannot use KVM: {exc}") from None
+        for cap in REQUIRED_CAPS:
+            if not kvm.check_extension(getattr(lib, cap)):
+                raise MonitorError(f"KVM on this host lacks {cap}")
+        return kvm
+
+    @staticmethod
+    def _add_slots(virtio: VirtioMmioManager) -> SlotTable:
+        """The hot-pluggable slots, first in the virtio-mmio order: six disks, vda..vdf."""
+        slots = SlotTable()
+        for index in range(MAX_DISKS):
+            transport = virtio.add(functools.partial(VirtioBlock, DISK.guest_name(index)),
+                                   queues=1)
+            slots.add(Slot(DISK, index, transport.device, transport.notify_config_change))
+        return slots
+
+    def _plug_boot_devices(self, hotplug: Hotplug) -> None:
+        for disk in self.config.disks:
+            try:
+                hotplug.blockdev_add(disk.drive)
+                hotplug.add_disk(disk.id, disk.drive.id, boot=True)
+            except HotplugError as exc:
+                raise BootError(f"drive '{disk.drive.id}': {exc.desc}") from None
+
+    def _guest_cmdline(self, virtio: VirtioMmioManager) -> str:
+        parts = [self.config.cmdline.strip()]
+        extra = host_cmdline_additions(self.config.cmdline, self.is_pvm)
+        if extra:
+            log.info("kvm_pvm host: adding '%s' to the guest command line", extra)
+            parts.append(extra)
+        parts.extend(virtio.cmdline_tokens())
+        return " ".join(part for part in parts if part)
+
+    @staticmethod
+    def _write_cmdline(memory: GuestMemory, kernel: LoadedKernel, cmdline: str) -> None:
+        encoded = cmdline.encode()
+        limit = KERNEL_CMDLINE_LIMIT
+        if kernel.setup_header is not None:
+            offset = boot_params.CMDLINE_SIZE - boot_params.SETUP_HEADER
+            limit = struct.unpack_from("<I", kernel.setup_header, offset)[0] + 1
+        if len(encoded) + 1 > min(limit, layout.CMDLINE_MAX_SIZE):
+            raise BootError(f"the guest command line is {len(encoded)} bytes; this kernel "
+                            f"accepts at most {limit - 1}")
+        memory.write(layout.CMDLINE_ADDR, encoded + b"\0")
+
+    def _create_vcpus(self, kvm: Kvm, vm: Vm, kernel: LoadedKernel) -> list[Vcpu]:
+        topology = self.config.topology
+        install_kick_handler()
+        supported = host_cpuid_adjustments(with_host_brand(kvm.supported_cpuid()), self.is_pvm)
+        vcpus = []
+        for index in range(topology.cpus):
+            # KVM's vCPU id becomes the LAPIC id: it must be the APIC id of the MP table and
+            # CPUID (holes for non-power-of-two topologies).  Index 0 has id 0, KVM's BSP.
+            vcpu = vm.create_vcpu(apic_id(topology, index), index)
+            vcpu.set_cpuid(vcpu_cpuid(supported, topology, index))
+            self._setup_lapic(vcpu)
+            if index == 0:
+                self._setup_boot_vcpu(vcpu, kernel)
+            vcpus.append(vcpu)
+        return vcpus
+
+    @staticmethod
+    def _setup_lapic(vcpu: Vcpu) -> None:
+        # LINT0 takes the PIC's ExtINT and LINT1 the NMI, as PC firmware leaves them.
+        state = vcpu.get_lapic()
+        registers = ffi.buffer(state.regs)
+        for offset, mode in ((LAPIC_LVT0, DELIVERY_MODE_EXTINT), (LAPIC_LVT1, DELIVERY_MODE_NMI)):
+            value = struct.unpack_from("<I", registers, offset)[0]
+            struct.pack_into("<I", registers, offset, (value & ~0x700) | (mode << 8))
+        vcpu.set_lapic(state)
+
+    @staticmethod
+    def _setup_boot_vcpu(vcpu: Vcpu, kernel: LoadedKernel) -> None:
+        sregs = vcpu.get_sregs()
+        setup_long_mode_sregs(sregs)
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        setup_entry_regs(regs, kernel.entry)
+        vcpu.set_regs(regs)
