@@ -130,6 +130,22 @@ uint32_t vm_ack_interrupts(const struct virtio_mmio_dev *d);
 const char *vm_setup_queue(const struct virtio_mmio_dev *d, unsigned q, uint16_t num,
                            uint64_t desc, uint64_t driver, uint64_t device);
 
+/*
+ * The device initialisation steps (3.1.1) every driver here shares.  Each returns
+ * NULL or what went wrong (a static buffer for messages with a value).
+ *
+ * vm_init_begin: the token parsed, magic, version 2 and device_id (else
+ * "not-<kind> device-id=N"), reset (polled up to reset_ms), ACKNOWLEDGE, DRIVER.
+ */
+const char *vm_init_begin(const struct virtio_mmio_dev *m, uint32_t device_id, const char *kind,
+                          unsigned reset_ms);
+/* Writes the driver features and FEATURES_OK, which must stay set. */
+const char *vm_init_features(const struct virtio_mmio_dev *m, uint64_t accepted);
+/* Writes DRIVER_OK; Status must then read exactly 0x0f. */
+const char *vm_init_driver_ok(const struct virtio_mmio_dev *m);
+/* Sets FAILED in Status and returns why. */
+const char *vm_init_fail(const struct virtio_mmio_dev *m, const char *why);
+
 static inline void vm_notify(const struct virtio_mmio_dev *d, unsigned q)
 {
     vm_write(d, VIRTIO_MMIO_QUEUE_NOTIFY, q);
