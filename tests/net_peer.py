@@ -6,7 +6,7 @@ line it prints is one JSON object, the first ``{"ready": ...}`` once the socket 
 bound (so a test knows nothing the guest sends from then on is missed).
 
   recv --iface T --count N [--timeout S]   frames from the guest, one line each
-  send --iface T --count N --size S --dst MAC [--first-seq K] [--gap-us U]
+  send --iface T --count N --size S --dst MAC [--first-seq K] [--gap-us U] [--corrupt SEQ]
   echo --iface T [--timeout S]             reflects every frame back (dst = its src)
   ping --iface T --count N --size S --dst MAC [--timeout S]   round trips, then "quit"
 
@@ -110,7 +110,10 @@ def run_recv(port: Port, args: argparse.Namespace) -> int:
 def run_send(port: Port, args: argparse.Namespace) -> int:
     dst = mac_bytes(args.dst)
     for i in range(args.count):
-        port.send(frame(args.first_seq + i, args.size, dst, PEER_MAC))
+        data = frame(args.first_seq + i, args.size, dst, PEER_MAC)
+        if args.first_seq + i in args.corrupt:
+            data = data[:40] + bytes([data[40] ^ 0xFF]) + data[41:]
+        port.send(data)
         if args.gap_us:
             time.sleep(args.gap_us / 1e6)
     emit(sent=args.count)
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dst", default=mac_text(BROADCAST))
     parser.add_argument("--first-seq", type=int, default=0)
     parser.add_argument("--gap-us", type=int, default=0)
+    parser.add_argument("--corrupt", type=int, action="append", default=[],
+                        help="send: flip byte 40 of the frame with this sequence number")
     parser.add_argument("--timeout", type=float, default=30)
     args = parser.parse_args(argv)
     port = Port(args.iface)

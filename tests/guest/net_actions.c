@@ -334,8 +334,12 @@ void action_net_watch(void)
                     irq = true;
             }
             changes++;
-            report("net-link nic=%u %s config-irq=%d link-status=0x%x", n->nic,
-                   now & VIRTIO_NET_S_LINK_UP ? "up" : "down", irq, now);
+            uint8_t now_mac[6]; /* a hot-plugged NIC brings its own MAC */
+            for (unsigned i = 0; i < 6; i++)
+                now_mac[i] = vm_config8(n->mmio, VIRTIO_NET_CFG_MAC + i);
+            net_format_mac(now_mac, mac);
+            report("net-link nic=%u %s config-irq=%d link-status=0x%x mac=%s", n->nic,
+                   now & VIRTIO_NET_S_LINK_UP ? "up" : "down", irq, now, mac);
             irq = false;
         }
         link = now;

@@ -268,14 +268,23 @@ def test_guest_frames_arrive_on_the_tap_intact(monitor, ns, svtest_guest, artifa
     assert {(f["src"], f["dst"]) for f in received} == {(MACS[0], "ff:ff:ff:ff:ff:ff")}
 
 
-@pytest.mark.parametrize("size", [60, 1514])
-def test_host_frames_arrive_in_the_guest(monitor, ns, svtest_guest, artifact_dir, size):
+@pytest.mark.parametrize(("size", "options"), [
+    (60, ""),
+    (1514, ""),
+    (1514, "svtest.mrg_rxbuf=0 svtest.event_idx=0"),
+    (1514, "svtest.offload=1 svtest.queue_size=8"),
+    (5000, ""),  # spans three 2 KiB buffers: merged rx buffers
+], ids=["60", "1514", "1514-no-mrg-no-event-idx", "1514-offload-queue-8", "5000-merged"])
+def test_host_frames_arrive_in_the_guest(monitor, ns, svtest_guest, artifact_dir, size, options):
     tap = add_tap(ns, "tap0")
+    if size > 1514:
+        ns.run(["ip", "link", "set", tap, "mtu", "9000"])
     count = 100
     argv = machine_argv(monitor, svtest_guest,
-                        f"svtest.action=net-recv svtest.count={count}", [tap])
+                        f"svtest.action=net-recv svtest.count={count} {options}", [tap])
     with guest_running(ns, argv, artifact_dir / f"{monitor}-{size}.log") as guest:
-        guest.wait_line(r"net-recv ready .*buffers=64")
+        buffers = 8 if "queue_size=8" in options else 64
+        guest.wait_line(rf"net-recv ready .*buffers={buffers}")
         sent = ns.run([sys.executable, PEER, "send", "--iface", tap, "--count", str(count),
                        "--size", str(size), "--dst", MACS[0]])
         assert json.loads(sent.stdout.splitlines()[-1]) == {"sent": count}
@@ -283,6 +292,43 @@ def test_host_frames_arrive_in_the_guest(monitor, ns, svtest_guest, artifact_dir
     out = guest.output
     done = fields(guest_line(out, "net-recv done"))
     assert (done["frames"], done["bad"], done["bytes"]) == (str(count), "0", str(count * size)), out
+    if size > 2048 - 12:
+        assert int(done["rx-buffers"]) == count * 3, out
+
+
+def test_guest_reports_a_damaged_or_missing_frame(monitor, ns, svtest_guest, artifact_dir):
+    """The guest's checks can fail: a flipped byte and a lost frame are both reported."""
+    tap = add_tap(ns, "tap0")
+    argv = machine_argv(monitor, svtest_guest, "svtest.action=net-recv svtest.count=4", [tap])
+    with guest_running(ns, argv, artifact_dir / f"{monitor}.log") as guest:
+        guest.wait_line(r"net-recv ready ")
+        ns.run([sys.executable, PEER, "send", "--iface", tap, "--count", "3", "--size", "100",
+                "--dst", MACS[0], "--corrupt", "1"])
+        ns.run([sys.executable, PEER, "send", "--iface", tap, "--count", "1", "--size", "100",
+                "--dst", MACS[0], "--first-seq", "7"])
+        assert guest.wait_exit() == 0, guest.output
+    out = guest.output
+    assert "net-recv bad frame=1 seq=1 want-seq=1 len=100 why=pattern offset=40" in out, out
+    assert "net-recv bad frame=3 seq=7 want-seq=3 len=100 why=seq" in out, out
+    assert "net-recv done frames=4 bad=2 " in out, out
+
+
+def test_offload_features_follow_their_dependencies(monitor, ns, svtest_guest, artifact_dir):
+    tap = add_tap(ns, "tap0")
+    argv = machine_argv(monitor, svtest_guest, "svtest.action=net-info svtest.offload=1", [tap])
+    with guest_running(ns, argv, artifact_dir / f"{monitor}.log") as guest:
+        assert guest.wait_exit() == 0, guest.output
+    nic0 = fields(guest_line(guest.output, "net-info nic=0 "))
+    offered, accepted = int(nic0["offered"], 16), int(nic0["accepted"], 16)
+    assert accepted & ~offered == 0, nic0
+    csum, guest_csum, guest_tso4, host_tso4, mrg = 0, 1, 7, 11, 15
+    assert accepted >> csum & 1 == offered >> csum & 1
+    assert accepted >> guest_csum & 1 == offered >> guest_csum & 1
+    if accepted >> host_tso4 & 1:
+        assert accepted >> csum & 1
+    if accepted >> guest_tso4 & 1:
+        assert accepted >> guest_csum & 1 and accepted >> mrg & 1
+    assert not accepted >> 17 & 1  # never CTRL_VQ: the driver has no control queue
 
 
 def test_rx_back_pressure_loses_nothing(monitor, ns, svtest_guest, artifact_dir):
@@ -378,7 +424,7 @@ def test_link_follows_hot_plug_on_ours(ns, svtest_guest, artifact_dir, tmp_path)
         assert qmp.execute("netdev_add", id="n1", ifname=tap1) == {"return": {}}
         assert qmp.execute("device_add", id="n1", driver="virtio-net-mmio",
                            addr="0x1") == {"return": {}}
-        guest.wait_line(r"net-link nic=1 up config-irq=1")
+        guest.wait_line(r"net-link nic=1 up config-irq=1 .*mac=52:54:00:")
         assert "return" in qmp.execute("device_del", id="n1")
         guest.wait_line(r"net-link nic=1 down config-irq=1")
         assert guest.wait_exit() == 0, guest.output
