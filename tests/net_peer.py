@@ -25,6 +25,7 @@ import time
 
 ETHERTYPE = 0x88B5
 PACKET_OUTGOING = 4
+SO_RCVBUFFORCE = 33  # not in Python's socket module
 PEER_MAC = bytes.fromhex("02535650ee01")  # locally administered, the peer's own
 BROADCAST = b"\xff" * 6
 MIN_FRAME = 18
@@ -72,7 +73,11 @@ class Port:
 
     def __init__(self, iface: str) -> None:
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        # Room for a whole benchmark burst: beyond rmem_max, which root may do (RCVBUFFORCE).
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+        except PermissionError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
         self.sock.bind((iface, ETHERTYPE))
         self.iface = iface
 
