@@ -39,12 +39,18 @@ def host_is_pvm() -> bool:
 
 @pytest.fixture(params=MONITORS)
 def monitor(request) -> str:
-    if request.param == "qemu" and shutil.which(QEMU) is None:
-        # The reference needs QEMU: CI installs qemu-system-x86 (apt-get) before the tests.
-        if os.environ.get("CI") == "true":
-            raise pytest.UsageError(f"CI=true but {QEMU} is not installed")
-        pytest.skip(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    if request.param == "qemu":
+        require_qemu()
     return request.param
+
+
+def require_qemu() -> None:
+    if shutil.which(QEMU) is not None:
+        return
+    # The reference needs QEMU: CI must install qemu-system-x86 (apt-get) before the tests.
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {QEMU} is not installed (apt-get install qemu-system-x86)")
+    pytest.skip(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
 
 
 @pytest.fixture
@@ -393,8 +399,7 @@ def test_net_bench_tx_and_rx(monitor, ns, svtest_guest, artifact_dir):
 
 def test_link_follows_set_link_on_qemu(ns, svtest_guest, artifact_dir, tmp_path):
     """QEMU's set_link drives the status field and a config interrupt, as our hot-plug should."""
-    if shutil.which(QEMU) is None:
-        pytest.skip(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    require_qemu()
     tap = add_tap(ns, "tap0")
     qmp_path = tmp_path / "qmp.sock"
     argv = machine_argv("qemu", svtest_guest, "svtest.action=net-watch svtest.changes=2", [tap],
