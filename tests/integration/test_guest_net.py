@@ -436,6 +436,27 @@ def test_link_follows_hot_plug_on_ours(ns, svtest_guest, artifact_dir, tmp_path)
     assert "net-watch done changes=2" in guest.output
 
 
+def test_hot_plugged_nic_moves_frames_on_ours(ns, svtest_guest, artifact_dir, tmp_path):
+    """A driver that set up the empty slot's queues gets frames once a tap is plugged in."""
+    tap0, tap1 = add_tap(ns, "tap0"), add_tap(ns, "tap1")
+    qmp_path = tmp_path / "qmp.sock"
+    argv = machine_argv("ours", svtest_guest, "svtest.action=net-echo svtest.nic=1", [tap0],
+                        qmp=qmp_path)
+    with guest_running(ns, argv, artifact_dir / "ours.log") as guest:
+        mac = guest.wait_line(r"net-echo ready nic=1 mac=(\S+) link=down").group(1)
+        qmp = Qmp(qmp_path)
+        assert qmp.execute("netdev_add", id="n1", ifname=tap1) == {"return": {}}
+        assert qmp.execute("device_add", id="n1", driver="virtio-net-mmio",
+                           addr="0x1") == {"return": {}}
+        # The slot keeps the MAC the guest read before the plug.
+        result = ns.run([sys.executable, PEER, "ping", "--iface", tap1, "--count", "10",
+                         "--size", "100", "--dst", mac, "--timeout", "10"], check=False)
+        summary = json.loads(result.stdout.splitlines()[-1])
+        assert summary["ok"] == 10 and not summary["bad"], summary
+        assert guest.wait_exit() == 0, guest.output
+    assert "net-echo done frames=10 " in guest.output, guest.output
+
+
 def sector_pattern(seed: int, sector: int, count: int) -> bytes:
     """The guest's host pattern: byte i of sector s is (seed*131 + s*7 + i) & 0xff."""
     return b"".join(bytes((seed * 131 + s * 7 + i) & 0xFF for i in range(512))
