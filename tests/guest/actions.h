@@ -42,4 +42,8 @@ NORETURN void action_net_watch(void);          /* net_actions.c */
 NORETURN void action_net_bench(void);          /* net_bench.c */
 NORETURN void action_net_hostile(void);        /* net_hostile.c */
 
+/* virtio-balloon (README.md, "virtio-balloon actions") */
+NORETURN void action_balloon(void);            /* balloon_actions.c */
+NORETURN void action_balloon_hostile(void);    /* balloon_hostile.c */
+
 #endif

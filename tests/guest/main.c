@@ -48,6 +48,8 @@ static const struct action actions[] = {
     { "net-watch", action_net_watch },
     { "net-bench", action_net_bench },
     { "net-hostile", action_net_hostile },
+    { "balloon", action_balloon },
+    { "balloon-hostile", action_balloon_hostile },
     { "smp", action_smp },
 };
 

@@ -63,6 +63,7 @@
 /* Device IDs (5). */
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_BALLOON 5
 
 #define VIRTIO_MMIO_MAX_DEVICES 16
 
@@ -118,6 +119,12 @@ uint16_t vm_config16(const struct virtio_mmio_dev *d, unsigned off);
 uint32_t vm_config32(const struct virtio_mmio_dev *d, unsigned off);
 /* Two 32-bit reads inside a ConfigGeneration check (retried when it changes). */
 uint64_t vm_config64(const struct virtio_mmio_dev *d, unsigned off, uint32_t *generation);
+
+/* Config space write (the balloon's `actual`: the one field a driver writes). */
+static inline void vm_config_write32(const struct virtio_mmio_dev *d, unsigned off, uint32_t v)
+{
+    *(volatile uint32_t *)(d->base + VIRTIO_MMIO_CONFIG + off) = v;
+}
 
 /* Reads InterruptStatus; when non-zero, writes the same bits to InterruptACK. */
 uint32_t vm_ack_interrupts(const struct virtio_mmio_dev *d);
