@@ -264,7 +264,7 @@ int balloon_post_stats(struct balloon_dev *b, const struct balloon_stat *stats, 
     int head = balloon_submit(b, (unsigned)b->stats_index, &buf, 1);
     if (head < 0)
         return head;
-    if (b->stats_posted)
+    if (b->stats_posts)
         b->stats_refills++;
     b->stats_posted = true;
     b->stats_posts++;
