@@ -11,8 +11,10 @@ No network is involved.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,9 +57,12 @@ def monitor(request) -> str:
     return request.param
 
 
-def machine_argv(monitor: str, guest: Path, append: str, qmp: Path, balloon: str = "") -> list[str]:
-    """`monitor`'s command line: the guest, 256 MiB, a balloon (id balloon0) and a QMP socket."""
+def machine_argv(monitor: str, guest: Path, append: str, qmp: Path, balloon: str = "",
+                 second_qmp: Path | None = None) -> list[str]:
+    """`monitor`'s command line: the guest, 256 MiB, a balloon (id balloon0) and a QMP socket
+    (two with second_qmp: QEMU's QMP socket takes one client at a time)."""
     options = f",{balloon}" if balloon else ""
+    sockets = [qmp, second_qmp] if second_qmp else [qmp]
     if monitor == "qemu":
         cpu = "host,-arch-capabilities" if host_is_pvm() else "host"
         return [QEMU, "-enable-kvm",
@@ -66,17 +71,19 @@ def machine_argv(monitor: str, guest: Path, append: str, qmp: Path, balloon: str
                 "-nographic", "-no-reboot", "-serial", "stdio", "-kernel", str(guest),
                 "-append", append, "-global", "virtio-mmio.force-legacy=false",
                 "-device", f"virtio-balloon-device,id=balloon0{options}",
-                "-qmp", f"unix:{qmp},server=on,wait=off"]
+                *(arg for path in sockets for arg in ("-qmp", f"unix:{path},server=on,wait=off"))]
     return [*MONITOR, "-kernel", str(guest), "-append", append, "-serial", "stdio",
             "-m", f"{MEMORY_MIB}M", "-device", f"virtio-balloon-device,id=balloon0{options}",
-            "-qmp", f"unix:{qmp},server,nowait"]
+            *(arg for path in sockets for arg in ("-qmp", f"unix:{path},server,nowait"))]
 
 
 @contextlib.contextmanager
 def balloon_guest(monitor: str, guest_elf: Path, append: str, log: Path, tmp_path: Path,
-                  balloon: str = "") -> Iterator[tuple[Guest, Qmp]]:
+                  balloon: str = "", second_qmp: Path | None = None
+                  ) -> Iterator[tuple[Guest, Qmp]]:
     qmp_path = tmp_path / "qmp.sock"
-    guest = Guest(Host(), machine_argv(monitor, guest_elf, append, qmp_path, balloon), log)
+    argv = machine_argv(monitor, guest_elf, append, qmp_path, balloon, second_qmp)
+    guest = Guest(Host(), argv, log)
     try:
         qmp = connect(guest, qmp_path)
         assert qmp.execute("qmp_capabilities") == {"return": {}}
@@ -188,6 +195,8 @@ def test_inflate_gives_memory_back_and_deflate_makes_it_usable(monitor, svtest_g
         out = quit_guest(guest)
     done = fields(guest_line(out, "balloon done"))
     assert done["end"] == "quit" and done["rounds"] == "2", out
+    # Each new target came with a configuration change interrupt.
+    assert int(done["config-irqs"]) >= 2, out
     assert "FAIL" not in out, out
 
 
@@ -312,3 +321,59 @@ def test_hostile_page_lists_change_nothing(monitor, svtest_guest, artifact_dir, 
     assert (normal["inflate"], normal["deflate"], normal["actual"], normal["bad"]) == (
         "ok", "ok", "256", "0"), out
     assert "Traceback" not in stderr, stderr
+
+
+class EventListener:
+    """A second QMP client that records when each event arrives (the timestamps inside
+    are when the event arose: QEMU keeps a throttled event's first one)."""
+
+    def __init__(self, guest: Guest, path: Path) -> None:
+        self.qmp = connect(guest, path)
+        assert self.qmp.execute("qmp_capabilities") == {"return": {}}
+        self.qmp.sock.settimeout(0.2)
+        self.arrivals: list[tuple[float, dict]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                message = self.qmp.read()
+            except (TimeoutError, AssertionError, OSError):
+                continue
+            if "event" in message:
+                self.arrivals.append((time.monotonic(), message))
+
+    def stop(self) -> list[tuple[float, dict]]:
+        self.stopped.set()
+        self.thread.join(5)
+        return self.arrivals
+
+
+def test_balloon_events_come_at_most_once_a_second(monitor, svtest_guest, artifact_dir,
+                                                   tmp_path):
+    """Four changes in quick succession: the events arrive at least a second apart, the
+    last one carrying the final size."""
+    append = "svtest.action=balloon svtest.touch_mb=16"
+    events_path = tmp_path / "events.sock"
+    with balloon_guest(monitor, svtest_guest, append, artifact_dir / f"{monitor}.log",
+                       tmp_path, second_qmp=events_path) as (guest, qmp):
+        guest.wait_line(r"balloon ready ")
+        listener = EventListener(guest, events_path)
+        for give in (4, 8, 2, 12):  # distinct sizes: each line is found once
+            assert qmp.execute("balloon", value=(MEMORY_MIB - give) * MiB) == {"return": {}}
+            guest.wait_line(rf"balloon actual={give * MiB // PAGE} ")
+        final = (MEMORY_MIB - 12) * MiB
+        assert actual(qmp) == final
+        balloon_changed(monitor, qmp, final)
+        time.sleep(1.5)  # anything still held back has come by now
+        arrivals = listener.stop()
+        out = quit_guest(guest)
+    name = "BALLOON_CHANGE" if monitor == "qemu" else "BALLOON_CHANGED"
+    events = [(t, e) for t, e in arrivals if e["event"] == name]
+    assert 1 <= len(events) <= 4, arrivals
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(events)]
+    assert all(gap >= 0.9 for gap in gaps), (gaps, events)
+    assert events[-1][1]["data"]["actual"] == final, events
+    assert "FAIL" not in out, out
