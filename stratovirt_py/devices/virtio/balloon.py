@@ -30,6 +30,8 @@ VIRTIO_BALLOON_F_REPORTING = 1 << 5
 CONFIG_LAYOUT = struct.Struct("<IIII")
 ACTUAL_OFFSET = 4
 STAT = struct.Struct("<HQ")
+# What QEMU shows for a statistic the guest did not give: -1 as an unsigned 64-bit number.
+STAT_NOT_REPORTED = 2**64 - 1
 # QEMU's names for the virtio statistics tags (qom-get guest-stats).
 STAT_NAMES = ("stat-swap-in", "stat-swap-out", "stat-major-faults", "stat-minor-faults",
               "stat-free-memory", "stat-total-memory", "stat-available-memory",
@@ -119,9 +121,9 @@ class VirtioBalloon:
             return lib.svpy_balloon_request_stats(self.c) == 0
 
     def guest_stats(self) -> tuple[dict[str, int], int]:
-        """The last statistics (QEMU's names; -1 where the guest gave none) and when they
+        """The last statistics (QEMU's names and its "none" value) and when they
         came (seconds since the epoch, 0 if never)."""
-        stats = dict.fromkeys(STAT_NAMES, -1)
+        stats = dict.fromkeys(STAT_NAMES, STAT_NOT_REPORTED)
         with device_lock(self.shared):
             raw = bytes(ffi.buffer(self.c.stats, self.c.stats_len))
             updated = self.c.stats_time
