@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -91,12 +92,25 @@ class NetNamespace:
             _ip("netns", "del", self.name)
 
 
+def remove_orphans(prefix: str) -> None:
+    """Removes namespaces `prefix-PID-...` whose creator is gone and that hold no process:
+    left behind by a run that was killed before it could clean up (SIGKILL, SIGTERM)."""
+    for line in _ip("netns", "list").splitlines():
+        match = re.fullmatch(rf"({re.escape(prefix)}-(\d+)-[0-9a-f]+)(\s.*)?", line.strip())
+        if not match or os.path.exists(f"/proc/{match.group(2)}"):
+            continue
+        orphan = NetNamespace(match.group(1))
+        if not orphan.pids():
+            orphan.destroy()
+
+
 @contextlib.contextmanager
 def net_namespace(prefix: str = "svpy") -> Iterator[NetNamespace]:
     """A fresh namespace with only `lo` (up), removed on exit whatever happens."""
     reason = netns_unavailable()
     if reason:
         raise NetnsError(reason)
+    remove_orphans(prefix)
     namespace = NetNamespace(f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     _ip("netns", "add", namespace.name)
     try:
