@@ -96,15 +96,15 @@ net  (virtio-net on a tap; code in `benchmarks.net`, host side `benchmarks.netpe
     user-space data path, as ours) with modern virtio-mmio.
     linux (one boot per monitor and pair, the same guest and cmdline as the
     session run, plus the NIC): after `user space ready`, the harness types on
-    the console `ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up`,
-    pings the guest once (ARP and link up, untimed), then:
+    the console `ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up` (once eth0
+    exists), pings the guest once (ARP and link up, untimed), then:
       net.g2h-tcp  (MB/s = 10^6 bytes/s, higher is better): the guest runs
-          `dd if=/dev/zero bs=65536 count=256 | nc 10.0.2.1 5001` (16 MiB); the
-          host's receiver times the first byte's arrival -> the 16 MiBth byte's
+          `dd if=/dev/zero bs=65536 count=16 | nc 10.0.2.1 5001` (1 MiB); the
+          host's receiver times the first byte's arrival -> the last byte's
           arrival, bytes / time.
       net.h2g-tcp  (MB/s, higher is better): the guest runs `nc -l -p 5002
           >/dev/null`; the host connects (retrying until the listener is up),
-          sends 16 MiB, shuts down its write side and waits for the guest's
+          sends 2 MiB, shuts down its write side and waits for the guest's
           close: connected -> the guest's FIN seen, bytes / time (so every byte
           was read by the guest's nc).
       net.ping-rtt (ms, lower is better): `ping -c 20 -i 0.2 10.0.2.15` on the
