@@ -11,7 +11,8 @@ from pathlib import Path
 from cffi import FFI
 
 DATAPLANE = Path(__file__).resolve().parent / "dataplane"
-SOURCES = ["virtqueue.c", "virtio_device.c", "iothread.c", "virtio_blk.c", "vcpu_fastpath.c"]
+SOURCES = ["virtqueue.c", "virtio_device.c", "iothread.c", "virtio_blk.c", "virtio_net.c",
+           "vcpu_fastpath.c"]
 
 CDEF = """
 struct iovec { void *iov_base; size_t iov_len; };
@@ -105,6 +106,35 @@ struct svpy_blk {
     ...;
 };
 
+struct svpy_net_stats {
+    uint64_t rx_frames;
+    uint64_t rx_bytes;
+    uint64_t tx_frames;
+    uint64_t tx_bytes;
+    uint64_t rx_dropped;
+    uint64_t tx_errors;
+    uint64_t tx_dropped;
+    uint64_t rx_stalls;
+    uint64_t tx_stalls;
+    uint64_t yields;
+};
+
+#define SVPY_NET_HDR_BYTES ...
+#define SVPY_NET_MAX_FRAME ...
+struct svpy_net {
+    struct svpy_device dev;
+    struct svpy_virtqueue rxq;
+    struct svpy_virtqueue txq;
+    uint8_t mrg_rxbuf;
+    int tap_fd;
+    uint8_t tap_lost;
+    uint8_t rx_waiting;
+    uint8_t tx_waiting;
+    uint32_t pending_len;
+    struct svpy_net_stats stats;
+    ...;
+};
+
 struct svpy_iothread {
     int epoll_fd;
     int failure_fd;
@@ -151,13 +181,22 @@ void svpy_blk_process(struct svpy_blk *blk);
 void svpy_blk_drain(struct svpy_blk *blk, int complete);
 int svpy_blk_enable_aio(struct svpy_blk *blk);
 void svpy_blk_destroy(struct svpy_blk *blk);
+
+int svpy_net_init(struct svpy_net *net, const struct svpy_guest_memory *mem, int irqfd,
+                  int error_fd, const int *kick_fds);
+int svpy_net_attach(struct svpy_net *net, struct svpy_iothread *thread);
+void svpy_net_start(struct svpy_net *net);
+void svpy_net_stop(struct svpy_net *net);
+int svpy_net_set_tap(struct svpy_net *net, int fd);
+void svpy_net_destroy(struct svpy_net *net);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "stratovirt_py._dataplane",
-    '#include <sys/uio.h>\n#include "virtio_blk.h"\n#include "vcpu_fastpath.h"\n',
+    '#include <sys/uio.h>\n#include "virtio_blk.h"\n#include "virtio_net.h"\n'
+    '#include "vcpu_fastpath.h"\n',
     # setuptools insists on paths relative to the project root.
     sources=[os.path.relpath(DATAPLANE / name) for name in SOURCES],
     include_dirs=[os.path.relpath(DATAPLANE)],

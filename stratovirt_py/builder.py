@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import struct
 
 from stratovirt_py.arch.x86_64 import boot_params, layout
@@ -35,7 +36,7 @@ from stratovirt_py.arch.x86_64.registers import (
     write_boot_tables,
 )
 from stratovirt_py.backends import BackendRegistry
-from stratovirt_py.config import MAX_DISKS
+from stratovirt_py.config import MAX_DISKS, MAX_NICS
 from stratovirt_py.devices.bus import Bus
 from stratovirt_py.devices.chardev import create_chardev
 from stratovirt_py.devices.i8042 import I8042
@@ -43,12 +44,13 @@ from stratovirt_py.devices.serial import Serial
 from stratovirt_py.devices.virtio.block import VirtioBlock
 from stratovirt_py.devices.virtio.dataplane import IoThread, c_guest_memory
 from stratovirt_py.devices.virtio.manager import VirtioMmioManager
+from stratovirt_py.devices.virtio.net import VirtioNet
 from stratovirt_py.errors import BootError, MonitorError
 from stratovirt_py.hotplug import Hotplug, HotplugError
 from stratovirt_py.kvm import Kvm, KvmError, Vcpu, Vm, ffi, lib
 from stratovirt_py.machine import ExitRequest, Hardware, MicroVM
 from stratovirt_py.memory import GuestMemory
-from stratovirt_py.slots import DISK, Slot, SlotTable
+from stratovirt_py.slots import DISK, NIC, Slot, SlotTable
 from stratovirt_py.vcpu import install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,6 @@ class VmBuilder:
     def build(self) -> None:
         config = self.config
         # Parsed already (one config model for every front end), not yet emulated.
-        if config.nics:
-            raise MonitorError("virtio-net devices are not available yet in this version")
         if config.balloon is not None:
             raise MonitorError("the virtio-balloon device is not available yet in this version")
         kvm = self._open_kvm()
@@ -139,12 +139,21 @@ class VmBuilder:
 
     @staticmethod
     def _add_slots(virtio: VirtioMmioManager) -> SlotTable:
-        """The hot-pluggable slots, first in the virtio-mmio order: six disks, vda..vdf."""
+        """The hot-pluggable slots, first in the virtio-mmio order: six disks, vda..vdf,
+        then two NICs, eth0 and eth1."""
         slots = SlotTable()
         for index in range(MAX_DISKS):
             transport = virtio.add(functools.partial(VirtioBlock, DISK.guest_name(index)),
                                    queues=1)
             slots.add(Slot(DISK, index, transport.device, transport.notify_config_change))
+        # Locally administered (0x52), as QEMU's 52:54:00 prefix; random per VM so that
+        # VMs on one bridge differ, and the slot index last so NICs of one VM differ.
+        vm_octets = os.urandom(2)
+        for index in range(MAX_NICS):
+            mac = b"\x52\x54\x00" + vm_octets + bytes([index])
+            transport = virtio.add(functools.partial(VirtioNet, NIC.guest_name(index),
+                                                     mac=mac), queues=2)
+            slots.add(Slot(NIC, index, transport.device, transport.notify_config_change))
         return slots
 
     def _plug_boot_devices(self, hotplug: Hotplug) -> None:
@@ -154,6 +163,12 @@ class VmBuilder:
                 hotplug.add_disk(disk.id, disk.drive.id, boot=True)
             except HotplugError as exc:
                 raise BootError(f"drive '{disk.drive.id}': {exc.desc}") from None
+        for nic in self.config.nics:
+            try:
+                hotplug.netdev_add(nic.netdev)
+                hotplug.add_nic(nic.id, nic.netdev.id, mac=nic.mac, boot=True)
+            except HotplugError as exc:
+                raise BootError(f"netdev '{nic.netdev.id}': {exc.desc}") from None
 
     def _guest_cmdline(self, virtio: VirtioMmioManager) -> str:
         parts = [self.config.cmdline.strip()]

@@ -15,9 +15,11 @@ from stratovirt_py.config import (
     DriveConfig,
     MachineConfig,
     NetdevConfig,
+    NicConfig,
     check_memory_size,
     parse_bool,
     parse_int,
+    parse_mac,
     parse_qmp_socket,
     parse_serial,
     parse_size,
@@ -63,7 +65,7 @@ class _Builder:
     drives: dict[str, DriveConfig] = field(default_factory=dict)
     netdevs: dict[str, NetdevConfig] = field(default_factory=dict)
     disks: list[DiskConfig] = field(default_factory=list)
-    nics: list[NetdevConfig] = field(default_factory=list)
+    nics: list[NicConfig] = field(default_factory=list)
     qmp_sockets: list[str] = field(default_factory=list)
     config_file: str | None = None
 
@@ -166,9 +168,10 @@ def parse_device(text: str, builder: _Builder) -> None:
         if netdev is None:
             raise ConfigError(f"invalid -device {driver}: no -netdev with id "
                               f"'{options.get('netdev', '')}' (give -netdev before -device)")
-        if "mac" in options:
-            netdev = dataclasses.replace(netdev, mac=options["mac"])
-        builder.nics.append(netdev)
+        if "id" in options and not options["id"]:
+            raise ConfigError(f"invalid -device {driver}: empty id")
+        mac = parse_mac(options["mac"]) if "mac" in options else None
+        builder.nics.append(NicConfig(options.get("id", netdev.id), netdev, mac))
     elif driver == "virtio-balloon-device":
         reject_unknown(options, {"id", "deflate-on-oom", "free-page-reporting"}, "-device")
         builder.values["balloon"] = BalloonConfig(

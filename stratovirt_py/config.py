@@ -231,12 +231,32 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class NetdevConfig:
-    """A tap backend (`-netdev tap`, JSON `net`, or QMP netdev_add)."""
+    """A tap backend (`-netdev tap`, JSON `net`, or QMP netdev_add): a tap by name, or an
+    open tap fd."""
 
     id: str
     ifname: str | None = None
     fd: int | None = None
-    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class NicConfig:
+    """A virtio-net device (`-device virtio-net-device` or a JSON `net`) and its netdev."""
+
+    id: str
+    netdev: NetdevConfig
+    mac: str | None = None  # canonical "52:54:00:12:34:56"; None: generated
+
+
+def parse_mac(text: str, what: str = "mac") -> str:
+    """A unicast Ethernet address as six hex pairs; returns it in lower case."""
+    octets = text.split(":")
+    if len(octets) != 6 or not all(re.fullmatch(r"[0-9A-Fa-f]{2}", o) for o in octets):
+        raise ConfigError(f"invalid {what} '{shorten(text)}': expected six hex pairs such as "
+                          "52:54:00:12:34:56")
+    if int(octets[0], 16) & 1:
+        raise ConfigError(f"invalid {what} '{text}': a multicast address cannot be a NIC's")
+    return text.lower()
 
 
 @dataclass(frozen=True)
@@ -257,7 +277,7 @@ class MachineConfig:
     serial: SerialConfig = field(default_factory=SerialConfig)
     qmp_sockets: tuple[str, ...] = ()
     disks: tuple[DiskConfig, ...] = ()
-    nics: tuple[NetdevConfig, ...] = ()
+    nics: tuple[NicConfig, ...] = ()
     balloon: BalloonConfig | None = None
     log_file: str | None = None
     log_to_stderr: bool = False
@@ -277,12 +297,13 @@ class MachineConfig:
             raise ConfigError(f"at most {MAX_DISKS} virtio-blk disks are supported")
         if len(self.nics) > MAX_NICS:
             raise ConfigError(f"at most {MAX_NICS} virtio-net devices are supported")
-        for kind, ids in (("device", [d.id for d in self.disks]),
-                          ("drive", [d.drive.id for d in self.disks]),
-                          ("netdev", [n.id for n in self.nics])):
+        for kind, ids in (("device id", [d.id for d in (*self.disks, *self.nics)]),
+                          ("drive id", [d.drive.id for d in self.disks]),
+                          ("netdev id", [n.netdev.id for n in self.nics]),
+                          ("mac", [n.mac for n in self.nics if n.mac is not None])):
             duplicates = sorted({i for i in ids if ids.count(i) > 1})
             if duplicates:
-                raise ConfigError(f"{kind} id '{duplicates[0]}' is used twice")
+                raise ConfigError(f"{kind} '{duplicates[0]}' is used twice")
         if len(set(self.qmp_sockets)) != len(self.qmp_sockets):
             raise ConfigError("the same QMP socket path is given twice")
         for what, path in self._paths():

@@ -16,19 +16,22 @@ event loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 
 from stratovirt_py.backends import BackendRegistry
-from stratovirt_py.config import DriveConfig
+from stratovirt_py.config import DriveConfig, NetdevConfig, parse_mac
 from stratovirt_py.devices.virtio.block import BackendError, DiskBackend, open_image
-from stratovirt_py.slots import DISK, HotplugError, Slot, SlotKind, SlotTable
+from stratovirt_py.errors import ConfigError
+from stratovirt_py.slots import DISK, NIC, HotplugError, Slot, SlotKind, SlotTable
+from stratovirt_py.tap import Tap, TapError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceRequest", "DiskRequest", "Hotplug", "HotplugError"]
+__all__ = ["DeviceRequest", "DiskRequest", "Hotplug", "HotplugError", "NicRequest"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,17 @@ class DiskRequest:
     serial: str | None = None
 
 
-DeviceRequest = DiskRequest
+@dataclass(frozen=True)
+class NicRequest:
+    """device_add of a virtio-net device: `index` is QMP's addr (None: the first free slot)."""
+
+    device_id: str
+    netdev_id: str
+    index: int | None = None
+    mac: str | None = None
+
+
+DeviceRequest = DiskRequest | NicRequest
 
 
 class Hotplug:
@@ -87,11 +100,86 @@ class Hotplug:
                 raise HotplugError(f"'{path}' is already in use by disk '{slot.device_id}' "
                                    f"({slot.guest_name})")
 
+    # Netdevs.
+
+    def netdev_add(self, netdev: NetdevConfig) -> None:
+        """Opens the tap now (creating it if it does not exist), as QEMU and StratoVirt do.
+
+        A netdev given by fd owns that fd from here on, refused or not.
+        """
+        try:
+            BackendRegistry.check_name(netdev.id, "netdev id")
+            if netdev.id in self.backends.netdevs:
+                raise HotplugError(f"{netdev.id} is already registered.")
+            try:
+                tap = Tap.from_fd(netdev.fd) if netdev.fd is not None else \
+                    Tap.open(netdev.ifname or "")
+            except TapError as exc:
+                raise HotplugError(str(exc)) from None
+        except HotplugError:
+            if netdev.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(netdev.fd)
+            raise
+        self.backends.netdevs[netdev.id] = tap
+        log.info("netdev '%s' is tap '%s'", netdev.id, tap.ifname)
+
+    def netdev_del(self, netdev_id: str) -> None:
+        slot = self.slots.using(NIC, netdev_id)
+        if slot is not None:
+            raise HotplugError(f"Netdev {netdev_id} is in use by device '{slot.device_id}'")
+        tap = self.backends.netdevs.pop(netdev_id, None)
+        if tap is None:
+            raise HotplugError(f"Failed to find netdev with id '{netdev_id}'", "DeviceNotFound")
+        tap.close()
+
     # Devices.
 
     def device_add(self, request: DeviceRequest) -> Slot:
+        if isinstance(request, NicRequest):
+            return self.add_nic(request.device_id, request.netdev_id, request.index, request.mac)
         return self.add_disk(request.device_id, request.node_name, request.index,
                              request.serial)
+
+    def add_nic(self, device_id: str, netdev_id: str, index: int | None = None,
+                mac: str | None = None, boot: bool = False) -> Slot:
+        """device_add of a virtio-net device (or a -device at boot): the link comes up."""
+        slot = self.slots.choose(NIC, device_id, index)
+        tap = self.backends.netdevs.get(netdev_id)
+        if tap is None:
+            raise HotplugError(f"Failed to find netdev '{netdev_id}': use netdev_add first",
+                               "DeviceNotFound")
+        user = self.slots.using(NIC, netdev_id)
+        if user is not None:
+            raise HotplugError(f"Netdev {netdev_id} is in use by device '{user.device_id}'")
+        if mac is not None:
+            self._set_mac(slot, mac)
+        try:
+            slot.device.set_backend(tap)
+        except OSError as exc:
+            raise HotplugError(f"Cannot attach tap '{tap.ifname}': {exc.strerror}") from None
+        self._occupy(slot, device_id, netdev_id, boot)
+        log.info("NIC '%s' (tap '%s', MAC %s) is now %s", device_id, tap.ifname,
+                 slot.device.mac_text, slot.guest_name)
+        return slot
+
+    def _set_mac(self, slot: Slot, text: str) -> None:
+        try:
+            mac = parse_mac(text)
+        except ConfigError as exc:
+            raise HotplugError(str(exc)) from None
+        for other in self.slots.of_kind(NIC):
+            if other is not slot and other.device.mac_text == mac:
+                raise HotplugError(f"MAC {mac} is already {other.guest_name}'s")
+        current = slot.device.mac_text
+        if mac == current:
+            return
+        if slot.device.config_read:
+            # virtio-net has no way to tell a driver that its MAC changed.
+            raise HotplugError(f"The guest read {slot.guest_name}'s MAC ({current}) when it "
+                               f"probed the NIC and would not see {mac}: leave mac out, or "
+                               f"give {current}")
+        slot.device.set_mac(mac)
 
     def add_disk(self, device_id: str, node_name: str, index: int | None = None,
                  serial: str | None = None, boot: bool = False) -> Slot:
@@ -138,11 +226,11 @@ class Hotplug:
 
     @staticmethod
     def empty(slot: Slot) -> None:
-        """The blocking part of device_del (any thread): requests in flight end, the
-        guest is told, and the backend is released (a disk synced and closed)."""
+        """The blocking part of device_del (any thread): requests in flight end and the
+        guest is told.  A disk's image is synced and closed; a tap stays with its netdev."""
         previous = slot.device.set_backend(None)
         slot.notify_config_change()
-        if previous is not None:
+        if previous is not None and slot.kind is DISK:
             previous.close()
 
     def _finish_detach(self, slot: Slot) -> None:
@@ -151,7 +239,10 @@ class Hotplug:
 
     def close(self) -> None:
         """At exit, after the I/O thread has stopped: backends are released (disks synced)."""
-        for slot in self.slots:
+        for slot in self.slots.of_kind(DISK):
             backend = slot.device.set_backend(None)
             if backend is not None:
                 backend.close()
+        for tap in self.backends.netdevs.values():
+            tap.close()
+        self.backends.netdevs.clear()

@@ -17,9 +17,11 @@ from stratovirt_py.config import (
     DriveConfig,
     MachineConfig,
     NetdevConfig,
+    NicConfig,
     SerialConfig,
     SerialKind,
     check_memory_size,
+    parse_mac,
     parse_size,
 )
 from stratovirt_py.errors import ConfigError
@@ -66,6 +68,19 @@ def _items(data: dict[str, Any], key: str, allowed: set[str], required: set[str]
             raise ConfigError(f"-config: '{where}' lacks '{missing[0]}'")
         result.append(item)
     return result
+
+
+def _nic(item: dict[str, Any]) -> NicConfig:
+    """A `net` item: the legacy format names the device and its tap backend alike."""
+    netdev = NetdevConfig(
+        id=_expect(item["iface_id"], str, "net.iface_id"),
+        ifname=_expect(item.get("host_dev_name"), (str, type(None)), "net.host_dev_name"),
+        fd=_expect(item.get("tap_fd"), (int, type(None)), "net.tap_fd"),
+    )
+    if netdev.ifname is None and netdev.fd is None:
+        raise ConfigError(f"-config: net '{netdev.id}' needs host_dev_name or tap_fd")
+    mac = _expect(item.get("mac"), (str, type(None)), "net.mac")
+    return NicConfig(netdev.id, netdev, parse_mac(mac, "net.mac") if mac is not None else None)
 
 
 def parse_json_config(data: Any) -> MachineConfig:
@@ -121,15 +136,7 @@ def parse_json_config(data: Any) -> MachineConfig:
     if nets:
         if any("vhost_type" in n for n in nets):
             raise ConfigError("-config: vhost networking is not supported")
-        values["nics"] = tuple(
-            NetdevConfig(
-                id=_expect(n["iface_id"], str, "net.iface_id"),
-                ifname=_expect(n.get("host_dev_name"), (str, type(None)), "net.host_dev_name"),
-                fd=_expect(n.get("tap_fd"), (int, type(None)), "net.tap_fd"),
-                mac=_expect(n.get("mac"), (str, type(None)), "net.mac"),
-            )
-            for n in nets
-        )
+        values["nics"] = tuple(_nic(n) for n in nets)
     serial = _section(data, "serial", {"stdio"})
     if serial:
         stdio = _expect(serial.get("stdio", False), bool, "serial.stdio")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stratovirt_py.config import DriveConfig, MachineConfig
+from stratovirt_py.config import DriveConfig, MachineConfig, NetdevConfig
 from stratovirt_py.devices.bus import Bus
 from stratovirt_py.devices.chardev import Chardev
 from stratovirt_py.devices.serial import Serial
@@ -124,6 +124,12 @@ class MicroVM:
 
     def blockdev_del(self, node_name: str) -> None:
         self._hardware().hotplug.blockdev_del(node_name)
+
+    def netdev_add(self, netdev: NetdevConfig) -> None:
+        self._hardware().hotplug.netdev_add(netdev)
+
+    def netdev_del(self, netdev_id: str) -> None:
+        self._hardware().hotplug.netdev_del(netdev_id)
 
     def device_add(self, request: DeviceRequest) -> None:
         self._hardware().hotplug.device_add(request)

@@ -31,6 +31,7 @@ static void *run(void *arg)
 
             if (!watch)
                 return NULL; /* the stop eventfd */
+            watch->revents = events[i].events;
             watch->handler(watch->context);
         }
     }
@@ -75,14 +76,36 @@ fail:
     return ret;
 }
 
-int svpy_iothread_watch(struct svpy_iothread *thread, struct svpy_watch *watch)
+static int control(struct svpy_iothread *thread, int op, struct svpy_watch *watch,
+                   uint32_t events)
 {
     struct epoll_event event;
 
     memset(&event, 0, sizeof(event));
-    event.events = EPOLLIN;
+    event.events = events;
     event.data.ptr = watch;
-    return epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, watch->fd, &event) < 0 ? -errno : 0;
+    return epoll_ctl(thread->epoll_fd, op, watch->fd, &event) < 0 ? -errno : 0;
+}
+
+int svpy_iothread_watch(struct svpy_iothread *thread, struct svpy_watch *watch)
+{
+    return control(thread, EPOLL_CTL_ADD, watch, EPOLLIN);
+}
+
+int svpy_iothread_watch_events(struct svpy_iothread *thread, struct svpy_watch *watch,
+                               uint32_t events)
+{
+    return control(thread, EPOLL_CTL_ADD, watch, events);
+}
+
+int svpy_iothread_modify(struct svpy_iothread *thread, struct svpy_watch *watch, uint32_t events)
+{
+    return control(thread, EPOLL_CTL_MOD, watch, events);
+}
+
+int svpy_iothread_unwatch(struct svpy_iothread *thread, struct svpy_watch *watch)
+{
+    return control(thread, EPOLL_CTL_DEL, watch, 0);
 }
 
 void svpy_iothread_stop(struct svpy_iothread *thread)

@@ -12,6 +12,7 @@ struct svpy_watch {
     int fd;
     svpy_handler_fn handler;
     void *context;
+    uint32_t revents; /* the epoll events that woke the handler (EPOLLIN, EPOLLOUT...) */
 };
 
 struct svpy_iothread {
@@ -29,6 +30,13 @@ struct svpy_iothread {
 int svpy_iothread_start(struct svpy_iothread *thread);
 /* The watch must stay valid until svpy_iothread_stop has returned. */
 int svpy_iothread_watch(struct svpy_iothread *thread, struct svpy_watch *watch);
+/* The same for other epoll events (a tap: EPOLLIN and/or EPOLLOUT); `events` may be 0. */
+int svpy_iothread_watch_events(struct svpy_iothread *thread, struct svpy_watch *watch,
+                               uint32_t events);
+int svpy_iothread_modify(struct svpy_iothread *thread, struct svpy_watch *watch, uint32_t events);
+/* After this the handler may still run once for an event fetched before it:
+ * it must check that what it serves is still there. */
+int svpy_iothread_unwatch(struct svpy_iothread *thread, struct svpy_watch *watch);
 void svpy_iothread_stop(struct svpy_iothread *thread);
 
 #endif

@@ -198,6 +198,25 @@ void svpy_vq_push(struct svpy_virtqueue *vq, uint16_t head, uint32_t written)
     __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
 }
 
+void svpy_vq_unpop(struct svpy_virtqueue *vq, uint16_t count)
+{
+    vq->last_avail_idx -= count;
+}
+
+void svpy_vq_fill(struct svpy_virtqueue *vq, uint16_t offset, uint16_t head, uint32_t written)
+{
+    struct virtq_used_elem *elem = &vq->used->ring[(uint16_t)(vq->used_idx + offset) % vq->size];
+
+    WRITE_ONCE(elem->id, head);
+    WRITE_ONCE(elem->len, written);
+}
+
+void svpy_vq_flush(struct svpy_virtqueue *vq, uint16_t count)
+{
+    vq->used_idx += count;
+    __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+}
+
 static uint16_t *avail_event(struct svpy_virtqueue *vq)
 {
     return (uint16_t *)&vq->used->ring[vq->size];

@@ -95,6 +95,13 @@ void svpy_vq_deactivate(struct svpy_virtqueue *vq);
 int svpy_vq_pop(struct svpy_virtqueue *vq, const struct svpy_guest_memory *mem,
                 struct svpy_chain *chain);
 void svpy_vq_push(struct svpy_virtqueue *vq, uint16_t head, uint32_t written);
+/* Gives back the last `count` chains popped, unanswered: the next pops return
+ * them again (a device that cannot use them yet, e.g. a full tap). */
+void svpy_vq_unpop(struct svpy_virtqueue *vq, uint16_t count);
+/* Several used elements published at once (a received frame spread over
+ * several buffers must appear whole): fill each, then flush them all. */
+void svpy_vq_fill(struct svpy_virtqueue *vq, uint16_t offset, uint16_t head, uint32_t written);
+void svpy_vq_flush(struct svpy_virtqueue *vq, uint16_t count);
 
 /* Notification suppression, both directions (VIRTIO_F_EVENT_IDX or flags). */
 void svpy_vq_disable_notify(struct svpy_virtqueue *vq);

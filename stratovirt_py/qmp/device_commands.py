@@ -1,4 +1,5 @@
-"""QMP hot-plug: blockdev-add/-del, device_add and device_del, as the spec shows them.
+"""QMP hot-plug: blockdev-add/-del, netdev_add/-del, device_add and device_del, as the spec
+shows them.
 
 Both the spec's (StratoVirt) argument shapes and QEMU's are accepted:
 `{"node-name", "file": {"driver": "file", "filename"}, "cache": {"direct"},
@@ -10,13 +11,14 @@ for the device; the handlers never touch slots or backends themselves.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stratovirt_py.config import MAX_DISKS, DriveConfig
+from stratovirt_py.config import MAX_DISKS, DriveConfig, NetdevConfig
 from stratovirt_py.errors import shorten
-from stratovirt_py.hotplug import DeviceRequest, DiskRequest, HotplugError
+from stratovirt_py.hotplug import DeviceRequest, DiskRequest, HotplugError, NicRequest
 from stratovirt_py.qmp.protocol import QmpError
 from stratovirt_py.qmp.registry import CommandContext, ManagedMachine, command
 from stratovirt_py.qmp.schema import Arg, Schema, check_arguments, opt
@@ -112,6 +114,13 @@ def _disk_request(args: dict[str, Any]) -> DeviceRequest:
                        args.get("serial"))
 
 
+def _nic_request(args: dict[str, Any]) -> DeviceRequest:
+    device_id = args["id"]
+    # The spec: the device's id is its netdev's, unless `netdev` names another.
+    return NicRequest(device_id, args.get("netdev", device_id), _slot_from(args, device_id),
+                      args.get("mac"))
+
+
 @dataclass(frozen=True)
 class DeviceDriver:
     """A device_add driver: its own arguments, and the request they make."""
@@ -122,7 +131,10 @@ class DeviceDriver:
 
 BLOCK_DRIVER = DeviceDriver({"id": Arg("str"), "drive": opt("str"), "addr": opt("any"),
                              "lun": opt("int"), "serial": opt("str")}, _disk_request)
-DRIVERS = {"virtio-blk-mmio": BLOCK_DRIVER, "virtio-blk-device": BLOCK_DRIVER}
+NET_DRIVER = DeviceDriver({"id": Arg("str"), "netdev": opt("str"), "addr": opt("any"),
+                           "mac": opt("str")}, _nic_request)
+DRIVERS = {"virtio-blk-mmio": BLOCK_DRIVER, "virtio-blk-device": BLOCK_DRIVER,
+           "virtio-net-mmio": NET_DRIVER, "virtio-net-device": NET_DRIVER}
 
 
 @command("device_add", {"driver": Arg("str")} | {
@@ -143,6 +155,48 @@ def device_add(machine: ManagedMachine, context: CommandContext, args: dict) -> 
         raise QmpError("Parameter 'id' is missing")
     request = driver.request(properties)
     _run(lambda: machine.device_add(request))
+
+
+# netdev_add arguments that StratoVirt, libvirt or Kata send and that change nothing here.
+IGNORED_NETDEV_ARGUMENTS = ("queues", "script", "downscript", "dnssearch", "chardev", "macnat",
+                            "vhostfd", "vhostfds", "sndbuf", "vnet_hdr")
+
+
+NETDEV_SCHEMA = {"id": Arg("str"), "type": opt("str", choices=("tap",)), "ifname": opt("str"),
+                 "fd": opt("str"), "fds": opt("str"), "vhost": opt("any")} | {
+    name: opt("any") for name in IGNORED_NETDEV_ARGUMENTS}
+
+
+@command("netdev_add", NETDEV_SCHEMA)
+def netdev_add(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
+    if args.get("vhost") in (True, "on", "true"):
+        raise QmpError("vhost is not supported: netdevs are served by the monitor (vhost=off)")
+    descriptor = args.get("fds", args.get("fd"))
+    if descriptor is None and not args.get("ifname"):
+        raise QmpError("Parameter 'ifname' is missing (or give fd/fds)")
+    fd = _take_fd(context, descriptor) if descriptor is not None else None
+    # The netdev owns `fd` now, and closes it should it refuse it.
+    _run(lambda: machine.netdev_add(NetdevConfig(args["id"], args.get("ifname"), fd)))
+
+
+def _take_fd(context: CommandContext, descriptor: str) -> int:
+    """An fd for a netdev: a `getfd` name (handed over), or a number (an inherited fd,
+    duplicated: the original stays the process's); "a:b" means the last, as in StratoVirt."""
+    name = descriptor.split(":")[-1]
+    fd = context.named_fds.pop(name, None)
+    if fd is not None:
+        return fd
+    if name.isdigit() and len(name) <= 9:
+        try:
+            return os.dup(int(name))
+        except OSError as exc:
+            raise QmpError(f"File descriptor {name}: {exc.strerror}") from None
+    raise QmpError(f"File descriptor named '{shorten(name)}' not found")
+
+
+@command("netdev_del", {"id": Arg("str")})
+def netdev_del(machine: ManagedMachine, context: CommandContext, args: dict) -> None:
+    _run(lambda: machine.netdev_del(args["id"]))
 
 
 @command("device_del", {"id": Arg("str")})

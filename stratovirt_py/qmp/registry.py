@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from stratovirt_py.config import DriveConfig, MachineConfig
+from stratovirt_py.config import DriveConfig, MachineConfig, NetdevConfig
 from stratovirt_py.hotplug import DeviceRequest
 from stratovirt_py.lifecycle import RunState
 from stratovirt_py.machine import ExitRequest
@@ -65,6 +65,11 @@ class ManagedMachine(Protocol):
     def blockdev_add(self, drive: DriveConfig) -> None: ...
 
     def blockdev_del(self, node_name: str) -> None: ...
+
+    def netdev_add(self, netdev: NetdevConfig) -> None:
+        """Owns `netdev.fd` (if any) from the call on, refused or not."""
+
+    def netdev_del(self, netdev_id: str) -> None: ...
 
     def device_add(self, request: DeviceRequest) -> None: ...
 

@@ -44,8 +44,11 @@ def kernel(tmp_path):
     (["-kernel", "KERNEL", "-serial", "bogus"], "invalid -serial 'bogus'"),
     (["-kernel", "KERNEL", "-machine", "q35"], "unsupported machine type 'q35'"),
     (["-config", "/nonexistent.json"], "cannot read -config file"),
-    (["-kernel", "KERNEL", "-netdev", "tap,id=n0,ifname=tap0", "-device",
-      "virtio-net-device,netdev=n0,id=n0"], "virtio-net devices are not available yet"),
+    # Neither creates an interface: 'lo' exists (and is no tap), fd 0 is no tap.
+    (["-kernel", "KERNEL", "-netdev", "tap,id=n0,ifname=lo", "-device",
+      "virtio-net-device,netdev=n0,id=n0"], "netdev 'n0': 'lo' exists and is not a tap device"),
+    (["-kernel", "KERNEL", "-netdev", "tap,id=n0,fd=0", "-device",
+      "virtio-net-device,netdev=n0,id=n0"], "netdev 'n0': fd 0 is not a tap device"),
     (["-kernel", "KERNEL", "-device", "virtio-balloon-device"],
      "virtio-balloon device is not available yet"),
 ])

@@ -205,8 +205,30 @@ def test_netdev_and_balloon():
     config = parse("-netdev", "tap,id=n0,ifname=tap0",
                    "-device", "virtio-net-device,netdev=n0,id=net0,mac=52:54:00:12:34:56",
                    "-device", "virtio-balloon-device,deflate-on-oom=true")
-    assert config.nics[0].ifname == "tap0" and config.nics[0].mac == "52:54:00:12:34:56"
+    [nic] = config.nics
+    assert (nic.id, nic.netdev.id, nic.netdev.ifname, nic.mac) == (
+        "net0", "n0", "tap0", "52:54:00:12:34:56")
     assert config.balloon is not None and config.balloon.deflate_on_oom
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34"], "invalid mac"),
+    (["-device", "virtio-net-device,netdev=n0,mac=01:00:5e:00:00:01"], "multicast"),
+    (["-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:zz"], "six hex pairs"),
+    (["-device", "virtio-net-device,netdev=n1"], "no -netdev with id 'n1'"),
+    (["-netdev", "tap,id=n1,ifname=tap1", "-device", "virtio-net-device,netdev=n0,id=x",
+      "-device", "virtio-net-device,netdev=n1,id=x"], "device id 'x' is used twice"),
+    (["-device", "virtio-net-device,netdev=n0,mac=52:54:00:0:0:1"], "six hex pairs"),
+    (["-netdev", "tap,id=n1,ifname=tap1",
+      "-device", "virtio-net-device,netdev=n0,id=a,mac=52:54:00:00:00:01",
+      "-device", "virtio-net-device,netdev=n1,id=b,mac=52:54:00:00:00:01"],
+     "mac '52:54:00:00:00:01' is used twice"),
+    (["-drive", "id=d,file=/d", "-device", "virtio-blk-device,drive=d,id=same",
+      "-device", "virtio-net-device,netdev=n0,id=same"], "device id 'same' is used twice"),
+])
+def test_nic_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse("-netdev", "tap,id=n0,ifname=tap0", *args)
 
 
 # The legacy -config JSON file.
@@ -240,7 +262,7 @@ def test_json_config_builds_the_same_model(tmp_path):
     assert config.topology.cpus == 2 and config.memory_size == 256 * MiB
     assert config.disks[0].drive.path == "/path/to/rootfs/image"
     assert not config.disks[0].drive.direct
-    assert config.nics[0].ifname == "tap0"
+    assert config.nics[0].netdev.ifname == "tap0"
     assert config.balloon is not None and config.balloon.deflate_on_oom
     assert config.serial.kind is SerialKind.STDIO
     assert config.qmp_sockets == ("/tmp/sv.sock",)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stratovirt_py.backends import BackendRegistry
-from stratovirt_py.config import CpuTopology, DriveConfig, MachineConfig
+from stratovirt_py.config import CpuTopology, DriveConfig, MachineConfig, NetdevConfig
 from stratovirt_py.hotplug import DeviceRequest, Hotplug
 from stratovirt_py.lifecycle import Lifecycle, RunState
 from stratovirt_py.machine import ExitRequest
@@ -94,6 +94,12 @@ class FakeMachine:
 
     def blockdev_del(self, node_name: str) -> None:
         self.hotplug.blockdev_del(node_name)
+
+    def netdev_add(self, netdev: NetdevConfig) -> None:
+        self.hotplug.netdev_add(netdev)
+
+    def netdev_del(self, netdev_id: str) -> None:
+        self.hotplug.netdev_del(netdev_id)
 
     def device_add(self, request: DeviceRequest) -> None:
         self.hotplug.device_add(request)

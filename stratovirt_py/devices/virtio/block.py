@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.config import DriveConfig
-from stratovirt_py.devices.virtio.dataplane import DeviceWiring, device_lock
+from stratovirt_py.devices.virtio.dataplane import DeviceWiring, device_lock, new_c_device
 from stratovirt_py.devices.virtio.mmio import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
     QueueSetup,
+    read_config_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -144,16 +145,10 @@ class VirtioBlock:
     def __init__(self, name: str, wiring: DeviceWiring) -> None:
         self.name = name
         self._c_memory = wiring.c_memory  # the C side points into it
-        self.c = ffi.new("struct svpy_blk *")
-        ret = lib.svpy_blk_init(self.c, wiring.c_memory, wiring.irqfd, wiring.error_fd,
-                                wiring.c_kick_fds)
-        if ret < 0:
-            raise OSError(-ret, f"{name}: cannot initialise the device lock")
+        self.c = new_c_device(name, wiring, "struct svpy_blk *", lib.svpy_blk_init,
+                              lib.svpy_blk_attach)
         self.shared = ffi.addressof(self.c.dev, "shared")
         self.backend: DiskBackend | None = None
-        ret = lib.svpy_blk_attach(self.c, wiring.iothread.handle)
-        if ret < 0:
-            raise OSError(-ret, f"{name}: cannot watch the queue notifier")
 
     # VirtioDevice.
 
@@ -176,10 +171,7 @@ class VirtioBlock:
         )
 
     def read_config(self, offset: int, size: int) -> int:
-        config = self.config_bytes()
-        if offset + size > len(config) or size not in (1, 2, 4, 8):
-            return 0
-        return int.from_bytes(config[offset:offset + size], "little")
+        return read_config_bytes(self.config_bytes(), offset, size)
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         pass  # writeback is not offered: the config space is read-only

@@ -90,3 +90,16 @@ class DeviceWiring:
     def c_kick_fds(self) -> Any:
         """The kick fds as a C `int[]` (keep it alive while C initialises from it)."""
         return ffi.new("int[]", list(self.kick_fds))
+
+
+def new_c_device(name: str, wiring: DeviceWiring, c_type: str, init: Any, attach: Any) -> Any:
+    """A kind's C device struct (`c_type`), initialised (`init`) and watched on its I/O
+    thread (`attach`), as every svpy_<kind>_init/_attach pair does it."""
+    device = ffi.new(c_type)
+    ret = init(device, wiring.c_memory, wiring.irqfd, wiring.error_fd, wiring.c_kick_fds)
+    if ret < 0:
+        raise OSError(-ret, f"{name}: cannot initialise the device lock")
+    ret = attach(device, wiring.iothread.handle)
+    if ret < 0:
+        raise OSError(-ret, f"{name}: cannot watch its notifiers")
+    return device

@@ -100,6 +100,13 @@ class VirtioDevice(Protocol):
         ...
 
 
+def read_config_bytes(config: bytes, offset: int, size: int) -> int:
+    """A driver's read of `size` bytes at `offset` of a config space; 0 outside it."""
+    if offset + size > len(config) or size not in (1, 2, 4, 8):
+        return 0
+    return int.from_bytes(config[offset:offset + size], "little")
+
+
 def _set_half(value: int, half: int, high: bool) -> int:
     if high:
         return (value & 0xFFFF_FFFF) | (half << 32)
