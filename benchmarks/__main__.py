@@ -8,6 +8,7 @@ import datetime as dt
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -114,8 +115,15 @@ def print_progress(record: harness.RunRecord, reps: int) -> None:
     print(f"bench: {label} {record.kind} {record.monitor}: {text}", file=sys.stderr, flush=True)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # A SIGTERM ends the benchmark as Ctrl-C does: the runs' finally blocks kill
+    # the monitors and remove the network namespaces.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _terminated)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("bench: /dev/kvm is missing or not accessible", file=sys.stderr)
         return 2

@@ -484,10 +484,17 @@ def run_net_frames(record: RunRecord, monitor: Monitor, guest: Guest,
         tap = net.prepare_namespace(namespace)
         record.argv = [*namespace.exec_prefix, *record.argv]
         peer_args = net.frame_peer_args(workload, tap, guest.timeout_s)
+        markers = {"start": net.NET_START_MARKER}
         with net.peer(namespace, peer_args, str(REPO)) as host, \
-                launched(record.argv, monitor.env, {}, stderr_path) as run:
+                launched(record.argv, monitor.env, markers, stderr_path) as run:
             try:
+                if workload.direction == "rx":
+                    run.serial.wait_for("start", run.t0 + int(guest.timeout_s * 1e9))
+                    host.go()
                 code, _ = _wait_for_exit(run, guest, record)
+                # The host's side first: it tells why a failed run failed, too.
+                host_side = host.result(10, stop=True)
+                record.details["host"] = host_side
                 result = net.parse_net_bench(bytes(run.serial.data), run.serial.arrival_ns)
                 record.details["net_bench"] = result.as_dict()
                 ran = (result.direction, result.size, result.count)
@@ -496,8 +503,6 @@ def run_net_frames(record: RunRecord, monitor: Monitor, guest: Guest,
                     raise ProbeError(f"the guest ran dir, size, count = {ran}, not {wanted}")
                 if code != 0:
                     raise ProbeError(f"the monitor exited with status {code}")
-                host_side = host.result(10, stop=True)
-                record.details["host"] = host_side
                 net.check_frame_peer(workload, host_side)
                 record.values[workload.metric] = result.frames_per_second
             except (ProbeError, OSError, ValueError, KeyError,

@@ -116,10 +116,12 @@ net  (virtio-net on a tap; code in `benchmarks.net`, host side `benchmarks.netpe
           the host counts them on the tap (an AF_PACKET socket, its kernel
           statistics, so none is missed) and the run fails if it saw fewer.
       net.rx-<S>B  (frames/s, higher is better): the host writes frames of S
-          bytes and ethertype 0x88b5 into the tap (AF_PACKET) from before the
-          guest boots until it is done, keeping at most 256 queued for the
-          monitor (paced by the tap's own counters, so the sender does not spin
-          on a full queue and take a core from the guest); the guest counts N.
+          bytes and ethertype 0x88b5 into the tap (AF_PACKET) from the moment
+          the guest's start line begins to arrive until the guest is done (none
+          before: frames queued in the tap during boot would come for free),
+          keeping at most 256 queued for the monitor (paced by the tap's own
+          counters, so the sender does not spin on a full queue and take a core
+          from the guest); the guest counts N.
       Time: as blk-bench, from the arrival of the newline of `svtest: net-bench
       start ...` to the arrival of the next byte, the done line's; frames / time.
       A run fails on a `net-bench FAIL` line, errors= other than 0, frames=

@@ -146,6 +146,12 @@ class Peer:
             return ""
         return self.process.stderr.read()[-500:].decode(errors="replace")
 
+    def go(self) -> None:
+        """Starts a flood (it waits for this line)."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"go\n")
+        self.process.stdin.flush()
+
     def result(self, timeout_s: float, stop: bool = False) -> dict[str, Any]:
         """Its JSON result; `stop` closes its stdin first (drain and flood run until then)."""
         if stop and self.process.stdin is not None:
@@ -274,6 +280,8 @@ def linux_net_run(namespace: NetNamespace, console: GuestConsole, plan: LinuxNet
 
 # --- Freestanding guest: raw frames each way (svtest net-bench) ---------------
 
+# Seen as soon as the line begins: the rx flood starts on it.
+NET_START_MARKER = b"svtest: net-bench start"
 NET_START = re.compile(rb"svtest: net-bench start dir=(\w+) size=(\d+) count=(\d+)\r?\n")
 NET_DONE = re.compile(rb"svtest: net-bench done frames=(\d+) bytes=(\d+) errors=(\d+)")
 NET_FAIL = re.compile(rb"svtest: net-bench FAIL[^\r\n]*")

@@ -15,7 +15,8 @@ and exits.
            them (kernel socket statistics, so frames the socket could not hold
            still count) until its stdin closes.
     flood  raw frames of ETHERTYPE and SIZE into the tap, toward the guest, as
-           fast as the guest takes them, until its stdin closes.  The tap's own
+           fast as the guest takes them, from a `go` line on its stdin until its
+           stdin closes.  The tap's own
            counters pace it: at most INFLIGHT frames are kept queued for the
            monitor, so the sender does not spin on a full queue and take the CPU
            the guest and monitor need (this host has 2 cores).
@@ -168,11 +169,14 @@ def flood(ifname: str, ethertype: int, size: int, inflight: int, timeout: float
     frame = bytearray(header + bytes(max(0, size - len(header))))
     _say("ready")
     deadline = time.monotonic() + timeout
+    stdin = sys.stdin.fileno()
+    # Nothing before the guest is counting: frames queued earlier would be free.
+    if not select.select([stdin], [], [], timeout)[0] or os.read(stdin, 16) != b"go\n":
+        return {"error": "no 'go' line on stdin"}
     sent = errors = resyncs = 0
     first_packets, first_dropped = counters.read()
     base = first_packets + first_dropped
     stalled_since = None
-    stdin = sys.stdin.fileno()
     while time.monotonic() < deadline:
         if select.select([stdin], [], [], 0)[0]:
             break
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         _say({"error": f"{type(error).__name__}: {error}"})
         return 1
     _say(result)
-    return 0
+    return 1 if "error" in result else 0
 
 
 if __name__ == "__main__":

@@ -331,6 +331,19 @@ def _peer(namespace, *args):
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
 
 
+def test_flood_sends_nothing_before_go(namespace_with_tap):
+    namespace, tap = namespace_with_tap
+    flood = _peer(namespace, "flood", tap, "--timeout", "60")
+    assert flood.stdout.readline() == "ready\n"
+    time.sleep(0.2)
+    flood.stdin.close()
+    assert json.loads(flood.stdout.readline()) == {"error": "no 'go' line on stdin"}
+    assert flood.wait(10) == 1
+    stats = namespace.run(["cat", f"/sys/class/net/{tap}/statistics/tx_packets",
+                           f"/sys/class/net/{tap}/statistics/tx_dropped"]).stdout.split()
+    assert stats == ["0", "0"]
+
+
 def test_drain_counts_every_frame_the_monitor_side_writes(namespace_with_tap):
     namespace, tap = namespace_with_tap
     drain = _peer(namespace, "drain", tap, "--timeout", "60")
@@ -353,6 +366,8 @@ def test_flood_keeps_the_reader_fed_without_flooding_the_tap(namespace_with_tap)
     flood = _peer(namespace, "flood", tap, "--size", "100", "--inflight", "64",
                   "--timeout", "60")
     assert flood.stdout.readline() == "ready\n"
+    flood.stdin.write("go\n")
+    flood.stdin.flush()
     assert reader.stdout.readline() == "[100]\n"
     assert reader.wait(30) == 0
     flood.stdin.close()
