@@ -285,6 +285,7 @@ NET_START_MARKER = b"svtest: net-bench start"
 NET_START = re.compile(rb"svtest: net-bench start dir=(\w+) size=(\d+) count=(\d+)\r?\n")
 NET_DONE = re.compile(rb"svtest: net-bench done frames=(\d+) bytes=(\d+) errors=(\d+)")
 NET_FAIL = re.compile(rb"svtest: net-bench FAIL[^\r\n]*")
+NET_GUEST = re.compile(rb"svtest: net-bench guest-ms=(\d+) tsc-ticks=(\d+) notifies=(\d+)")
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,9 @@ class NetBenchResult:
     frames: int
     bytes: int
     seconds: float
+    # The guest's own figures, for cross-checking the host's time.
+    guest_ms: int | None = None
+    notifies: int | None = None
 
     @property
     def frames_per_second(self) -> float:
@@ -302,7 +306,8 @@ class NetBenchResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"dir": self.direction, "size": self.size, "count": self.count,
-                "frames": self.frames, "bytes": self.bytes, "host_ms": self.seconds * 1e3}
+                "frames": self.frames, "bytes": self.bytes, "host_ms": self.seconds * 1e3,
+                "guest_ms": self.guest_ms, "notifies": self.notifies}
 
 
 def parse_net_bench(data: bytes, arrival_ns: Callable[[int], int | None]) -> NetBenchResult:
@@ -325,9 +330,11 @@ def parse_net_bench(data: bytes, arrival_ns: Callable[[int], int | None]) -> Net
     if frames != count:
         raise ProbeError(f"net-bench moved frames={frames}, asked for count={count}")
     seconds = timed_window(data, start, done, arrival_ns, "net-bench")
+    guest = NET_GUEST.search(data, done.end())
     return NetBenchResult(direction=start.group(1).decode(), size=int(start.group(2)),
-                          count=count, frames=frames, bytes=nbytes,
-                          seconds=seconds)
+                          count=count, frames=frames, bytes=nbytes, seconds=seconds,
+                          guest_ms=int(guest.group(1)) if guest else None,
+                          notifies=int(guest.group(3)) if guest else None)
 
 
 def frame_peer_args(workload: FrameWorkload, tap: str, timeout_s: float) -> list[str]:

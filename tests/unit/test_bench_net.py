@@ -69,6 +69,7 @@ def test_ping_output_that_does_not_add_up(output, message):
 
 NET_START = b"svtest: net-bench start dir=tx size=64 count=20000\r\n"
 NET_DONE = (b"svtest: net-bench done frames=20000 bytes=1280000 errors=0\r\n"
+            b"svtest: net-bench guest-ms=240 tsc-ticks=600000000 notifies=33 ignored=0\r\n"
             b"svtest: done\r\n")
 
 
@@ -80,6 +81,14 @@ def test_net_bench_is_timed_from_the_start_newline_to_the_done_line():
     assert result.seconds == 0.25
     assert result.frames_per_second == 80000.0
     assert result.as_dict()["host_ms"] == 250.0
+    assert (result.guest_ms, result.notifies) == (240, 33)
+
+
+def test_net_bench_without_the_guests_own_figures():
+    done = b"svtest: net-bench done frames=20000 bytes=1280000 errors=0\r\nsvtest: done\r\n"
+    data, arrival_ns = _arrivals(NET_START, done)
+    result = net.parse_net_bench(data, arrival_ns)
+    assert (result.frames, result.guest_ms, result.notifies) == (20000, None, None)
 
 
 @pytest.mark.parametrize("output, message", [
