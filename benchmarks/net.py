@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import select
 import statistics
@@ -126,6 +127,9 @@ class Peer:
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, cwd=cwd)
         self.args = args
+        # Lines are read from the fd itself: a buffered reader could hold a whole
+        # line that select() then never reports.
+        self._buffer = bytearray()
 
     def wait_ready(self, timeout_s: float = 30) -> None:
         assert self.process.stdout is not None
@@ -135,11 +139,21 @@ class Peer:
                              f"{self._stderr_tail()}")
 
     def _line(self, timeout_s: float) -> bytes:
+        """Its next output line; b"" if it exited without one."""
         assert self.process.stdout is not None
-        ready = select.select([self.process.stdout], [], [], timeout_s)[0]
-        if not ready:
-            raise ProbeError(f"netpeer {self.args[0]} said nothing in {timeout_s} s")
-        return self.process.stdout.readline()
+        fd = self.process.stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+        while (end := self._buffer.find(b"\n")) < 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise ProbeError(f"netpeer {self.args[0]} said nothing in {timeout_s} s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line = bytes(self._buffer[:end + 1])
+        del self._buffer[:end + 1]
+        return line
 
     def _stderr_tail(self) -> str:
         if self.process.poll() is None or self.process.stderr is None:

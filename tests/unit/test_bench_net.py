@@ -201,6 +201,36 @@ def test_tcp_sender_retries_until_the_listener_is_up():
     assert results["recv"]["bytes"] == 1000
 
 
+class ScriptNamespace:
+    """Stands in for a NetNamespace: runs a given Python script instead of the peer."""
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+
+    def popen(self, command, **kwargs):
+        return subprocess.Popen([sys.executable, "-c", self.script], **kwargs)
+
+
+def test_peer_lines_that_arrive_together_are_both_read():
+    # Both lines in one write: the result must not wait for more output.
+    script = "import os; os.write(1, b'ready\\n{\"sent\": 3}\\n'); import time; time.sleep(30)"
+    with net.peer(ScriptNamespace(script), ["flood"], str(REPO)) as started:
+        began = time.monotonic()
+        assert started.result(20) == {"sent": 3}
+        assert time.monotonic() - began < 5
+
+
+@pytest.mark.parametrize("script, message", [
+    ("print('ready'); print('{\"error\": \"OSError: no such device\"}')", "no such device"),
+    ("print('ready')", "netpeer drain: b''"),
+    ("print('ready'); print('not json')", "not json"),
+])
+def test_peer_failures_are_probe_errors(script, message):
+    with net.peer(ScriptNamespace(script), ["drain"], str(REPO)) as started, \
+            pytest.raises(ProbeError, match=message):
+        started.result(10)
+
+
 def test_frame_metrics_are_defined_for_every_workload():
     names = [w.metric for w in FRAME_WORKLOADS]
     assert len(names) == len(set(names))
