@@ -12,7 +12,7 @@ from cffi import FFI
 
 DATAPLANE = Path(__file__).resolve().parent / "dataplane"
 SOURCES = ["virtqueue.c", "virtio_device.c", "iothread.c", "virtio_blk.c", "virtio_net.c",
-           "vcpu_fastpath.c"]
+           "virtio_balloon.c", "vcpu_fastpath.c"]
 
 CDEF = """
 struct iovec { void *iov_base; size_t iov_len; };
@@ -135,6 +135,35 @@ struct svpy_net {
     ...;
 };
 
+struct svpy_balloon_counters {
+    uint64_t inflated_pages;
+    uint64_t deflated_pages;
+    uint64_t reported_bytes;
+    uint64_t bad_frames;
+    uint64_t released_bytes;
+    uint64_t madvise_errors;
+    uint64_t stats_updates;
+};
+
+#define SVPY_BALLOON_QUEUES ...
+#define SVPY_BALLOON_NONE ...
+#define SVPY_BALLOON_INFLATE ...
+#define SVPY_BALLOON_DEFLATE ...
+#define SVPY_BALLOON_STATS ...
+#define SVPY_BALLOON_REPORTING ...
+struct svpy_balloon {
+    struct svpy_device dev;
+    struct svpy_virtqueue vqs[4];
+    uint8_t roles[4];
+    int release_advice;
+    int32_t stats_head;
+    uint32_t stats_len;
+    uint8_t stats[...];
+    int64_t stats_time;
+    struct svpy_balloon_counters counters;
+    ...;
+};
+
 struct svpy_iothread {
     int epoll_fd;
     int failure_fd;
@@ -189,6 +218,14 @@ void svpy_net_start(struct svpy_net *net);
 void svpy_net_stop(struct svpy_net *net);
 int svpy_net_set_tap(struct svpy_net *net, int fd);
 void svpy_net_destroy(struct svpy_net *net);
+
+int svpy_balloon_init(struct svpy_balloon *balloon, const struct svpy_guest_memory *mem,
+                      int irqfd, int error_fd, const int *kick_fds);
+int svpy_balloon_attach(struct svpy_balloon *balloon, struct svpy_iothread *thread);
+void svpy_balloon_start(struct svpy_balloon *balloon);
+void svpy_balloon_stop(struct svpy_balloon *balloon);
+int svpy_balloon_request_stats(struct svpy_balloon *balloon);
+void svpy_balloon_destroy(struct svpy_balloon *balloon);
 """
 
 ffibuilder = FFI()
@@ -196,6 +233,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "stratovirt_py._dataplane",
     '#include <sys/uio.h>\n#include "virtio_blk.h"\n#include "virtio_net.h"\n'
+    '#include "virtio_balloon.h"\n'
     '#include "vcpu_fastpath.h"\n',
     # setuptools insists on paths relative to the project root.
     sources=[os.path.relpath(DATAPLANE / name) for name in SOURCES],

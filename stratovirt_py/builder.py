@@ -36,11 +36,14 @@ from stratovirt_py.arch.x86_64.registers import (
     write_boot_tables,
 )
 from stratovirt_py.backends import BackendRegistry
+from stratovirt_py.balloon import Balloon
 from stratovirt_py.config import MAX_DISKS, MAX_NICS
 from stratovirt_py.devices.bus import Bus
 from stratovirt_py.devices.chardev import create_chardev
 from stratovirt_py.devices.i8042 import I8042
 from stratovirt_py.devices.serial import Serial
+from stratovirt_py.devices.virtio.balloon import QUEUES as BALLOON_QUEUES
+from stratovirt_py.devices.virtio.balloon import VirtioBalloon
 from stratovirt_py.devices.virtio.block import VirtioBlock
 from stratovirt_py.devices.virtio.dataplane import IoThread, c_guest_memory
 from stratovirt_py.devices.virtio.manager import VirtioMmioManager
@@ -78,9 +81,6 @@ class VmBuilder:
 
     def build(self) -> None:
         config = self.config
-        # Parsed already (one config model for every front end), not yet emulated.
-        if config.balloon is not None:
-            raise MonitorError("the virtio-balloon device is not available yet in this version")
         kvm = self._open_kvm()
         vm = kvm.create_vm()
         vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
@@ -96,6 +96,7 @@ class VmBuilder:
         virtio = VirtioMmioManager(vm, mmio_bus, c_guest_memory(memory), iothread)
         hotplug = Hotplug(self._add_slots(virtio), BackendRegistry())
         self._plug_boot_devices(hotplug)
+        balloon = self._add_balloon(virtio, memory.total)
 
         kernel = load_kernel(memory, config.kernel or "")
         initrd = load_initrd(memory, config.initrd, kernel) if config.initrd else None
@@ -122,7 +123,7 @@ class VmBuilder:
         self.machine.install(Hardware(
             kvm=kvm, vm=vm, memory=memory, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
             chardev=chardev, serial=serial, virtio=virtio, iothread=iothread, hotplug=hotplug,
-            cmdline=cmdline))
+            cmdline=cmdline, balloon=balloon))
         log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
                  config.topology.cpus, config.memory_size >> 20, config.kernel, cmdline)
 
@@ -155,6 +156,18 @@ class VmBuilder:
                                                      mac=mac), queues=2)
             slots.add(Slot(NIC, index, transport.device, transport.notify_config_change))
         return slots
+
+    def _add_balloon(self, virtio: VirtioMmioManager, ram_bytes: int) -> Balloon | None:
+        """The balloon, after the slots (IRQ 13), if the configuration has one."""
+        config = self.config.balloon
+        if config is None:
+            return None
+        balloon = Balloon(config.id, ram_bytes, self.machine.emit_event, self.machine.loop)
+        transport = virtio.add(functools.partial(VirtioBalloon, "balloon", config=config,
+                                                 on_actual_change=balloon.on_actual_change),
+                               queues=BALLOON_QUEUES)
+        balloon.attach(transport.device, transport.notify_config_change)
+        return balloon
 
     def _plug_boot_devices(self, hotplug: Hotplug) -> None:
         for disk in self.config.disks:

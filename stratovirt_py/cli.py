@@ -40,7 +40,7 @@ usage: stratovirt-py [options]
   -qmp unix:PATH,server,nowait   QMP socket (may be repeated); also -api-channel unix:PATH
   -drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S]
   -device virtio-blk-device,drive=ID,id=DEV | virtio-net-device,netdev=ID,id=DEV[,mac=M]
-          | virtio-balloon-device[,deflate-on-oom=on|off]
+          | virtio-balloon-device[,id=ID][,deflate-on-oom=on|off][,free-page-reporting=on|off]
   -netdev tap,id=ID,ifname=TAP|fd=N
   -config FILE.json         legacy JSON configuration (command-line values win)
   -D [LOGFILE]              log to LOGFILE (or stderr)
@@ -175,6 +175,7 @@ def parse_device(text: str, builder: _Builder) -> None:
     elif driver == "virtio-balloon-device":
         reject_unknown(options, {"id", "deflate-on-oom", "free-page-reporting"}, "-device")
         builder.values["balloon"] = BalloonConfig(
+            id=options.get("id") or "balloon0",
             deflate_on_oom=parse_bool(options.get("deflate-on-oom", "off"), "deflate-on-oom"),
             free_page_reporting=parse_bool(options.get("free-page-reporting", "off"),
                                            "free-page-reporting"),

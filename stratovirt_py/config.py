@@ -261,6 +261,7 @@ def parse_mac(text: str, what: str = "mac") -> str:
 
 @dataclass(frozen=True)
 class BalloonConfig:
+    id: str = "balloon0"  # its QOM path is /machine/peripheral/<id>
     deflate_on_oom: bool = False
     free_page_reporting: bool = False
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stratovirt_py.balloon import Balloon, BalloonError
 from stratovirt_py.config import DriveConfig, MachineConfig, NetdevConfig
 from stratovirt_py.devices.bus import Bus
 from stratovirt_py.devices.chardev import Chardev
@@ -63,6 +64,7 @@ class Hardware:
     iothread: IoThread
     hotplug: Hotplug
     cmdline: str
+    balloon: Balloon | None = None
 
 
 EventListener = Callable[[str, dict[str, Any]], None]
@@ -94,6 +96,11 @@ class MicroVM:
         if self.hardware is None:
             raise RuntimeError("the VM has not been built")
         return self.hardware
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the control plane runs on (timers, events)."""
+        return self._loop
 
     # Lifecycle.
 
@@ -133,6 +140,24 @@ class MicroVM:
 
     def device_add(self, request: DeviceRequest) -> None:
         self._hardware().hotplug.device_add(request)
+
+    def _balloon(self) -> Balloon:
+        balloon = self._hardware().balloon
+        if balloon is None:
+            raise BalloonError("No balloon device has been activated", "DeviceNotActive")
+        return balloon
+
+    def balloon_set_target(self, value: int) -> None:
+        self._balloon().set_target(value)
+
+    def balloon_actual(self) -> int:
+        return self._balloon().actual()
+
+    def qom_get(self, path: str, name: str) -> Any:
+        return self._balloon().qom_get(path, name)
+
+    def qom_set(self, path: str, name: str, value: Any) -> None:
+        self._balloon().qom_set(path, name, value)
 
     async def device_del(self, device_id: str) -> None:
         """Empties the device's slot, then DEVICE_DELETED (before QMP's return).
@@ -215,6 +240,8 @@ class MicroVM:
         for fd in (hardware.iothread.failure_fd, hardware.virtio.error_fd):
             with contextlib.suppress(ValueError, OSError):  # the loop may be closed
                 self._loop.remove_reader(fd)
+        if hardware.balloon is not None:
+            hardware.balloon.close()
         hardware.iothread.stop()
         hardware.hotplug.close()
         hardware.virtio.close()

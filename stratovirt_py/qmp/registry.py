@@ -73,6 +73,16 @@ class ManagedMachine(Protocol):
 
     def device_add(self, request: DeviceRequest) -> None: ...
 
+    # The balloon; without one, BalloonError(DeviceNotActive).
+
+    def balloon_set_target(self, value: int) -> None: ...
+
+    def balloon_actual(self) -> int: ...
+
+    def qom_get(self, path: str, name: str) -> Any: ...
+
+    def qom_set(self, path: str, name: str, value: Any) -> None: ...
+
 
 class CommandContext(Protocol):
     """The connection a command came in on (for fds passed with SCM_RIGHTS)."""

@@ -33,4 +33,17 @@ NORETURN void action_blk_watch(void);          /* blk_actions.c */
 NORETURN void action_blk_bench(void);          /* blk_bench.c */
 NORETURN void action_hostile(void);            /* hostile.c */
 
+/* virtio-net (README.md, "virtio-net actions") */
+NORETURN void action_net_info(void);           /* net_actions.c */
+NORETURN void action_net_send(void);           /* net_actions.c */
+NORETURN void action_net_recv(void);           /* net_actions.c */
+NORETURN void action_net_echo(void);           /* net_actions.c */
+NORETURN void action_net_watch(void);          /* net_actions.c */
+NORETURN void action_net_bench(void);          /* net_bench.c */
+NORETURN void action_net_hostile(void);        /* net_hostile.c */
+
+/* virtio-balloon (README.md, "virtio-balloon actions") */
+NORETURN void action_balloon(void);            /* balloon_actions.c */
+NORETURN void action_balloon_hostile(void);    /* balloon_hostile.c */
+
 #endif

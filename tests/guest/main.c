@@ -41,6 +41,15 @@ static const struct action actions[] = {
     { "blk-watch", action_blk_watch },
     { "blk-bench", action_blk_bench },
     { "hostile", action_hostile },
+    { "net-info", action_net_info },
+    { "net-send", action_net_send },
+    { "net-recv", action_net_recv },
+    { "net-echo", action_net_echo },
+    { "net-watch", action_net_watch },
+    { "net-bench", action_net_bench },
+    { "net-hostile", action_net_hostile },
+    { "balloon", action_balloon },
+    { "balloon-hostile", action_balloon_hostile },
     { "smp", action_smp },
 };
 

@@ -34,45 +34,19 @@ void blk_read_config(struct blk_dev *b)
     b->blk_size = vm_config32(m, VIRTIO_BLK_CFG_BLK_SIZE);
 }
 
-static const char *fail_init(const struct virtio_mmio_dev *m, const char *why)
-{
-    vm_write(m, VIRTIO_MMIO_STATUS, vm_status(m) | VIRTIO_STATUS_FAILED);
-    return why;
-}
-
 const char *blk_init(struct blk_dev *b, const struct virtio_mmio_dev *m,
                      const struct blk_options *opts)
 {
-    static char why[64];
     memset(b, 0, sizeof(*b));
     b->mmio = m;
     b->timeout_ms = opts->timeout_ms ? opts->timeout_ms : 5000;
-    if (!m->parsed)
-        return "bad-token";
-    uint32_t magic = vm_read(m, VIRTIO_MMIO_MAGIC);
-    if (magic != VIRTIO_MMIO_MAGIC_VALUE) {
-        ksnprintf(why, sizeof(why), "bad-magic=0x%x", magic);
+    const char *why = vm_init_begin(m, VIRTIO_ID_BLOCK, "block", RESET_TIMEOUT_MS);
+    if (why)
         return why;
-    }
-    uint32_t version = vm_read(m, VIRTIO_MMIO_VERSION);
-    if (version != 2) {
-        ksnprintf(why, sizeof(why), "version=%u", version);
-        return why;
-    }
-    uint32_t id = blk_device_id(m);
-    if (id != VIRTIO_ID_BLOCK) {
-        ksnprintf(why, sizeof(why), "not-block device-id=%u", id);
-        return why;
-    }
-
-    if (!vm_reset(m, RESET_TIMEOUT_MS))
-        return "reset-timeout";
-    vm_write(m, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE);
-    vm_write(m, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
 
     b->offered = vm_device_features(m);
     if (!(b->offered & VIRTIO_BIT(VIRTIO_F_VERSION_1)))
-        return fail_init(m, "no-version-1");
+        return vm_init_fail(m, "no-version-1");
     uint64_t wanted = VIRTIO_BIT(VIRTIO_F_VERSION_1) | VIRTIO_BIT(VIRTIO_BLK_F_FLUSH) |
                       VIRTIO_BIT(VIRTIO_BLK_F_SEG_MAX) | VIRTIO_BIT(VIRTIO_BLK_F_SIZE_MAX) |
                       VIRTIO_BIT(VIRTIO_BLK_F_BLK_SIZE) | VIRTIO_BIT(VIRTIO_BLK_F_RO) |
@@ -84,12 +58,9 @@ const char *blk_init(struct blk_dev *b, const struct virtio_mmio_dev *m,
     if (opts->discard)
         wanted |= VIRTIO_BIT(VIRTIO_BLK_F_DISCARD) | VIRTIO_BIT(VIRTIO_BLK_F_WRITE_ZEROES);
     b->accepted = b->offered & wanted;
-    vm_set_driver_features(m, b->accepted);
-    uint32_t status = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |
-                      VIRTIO_STATUS_FEATURES_OK;
-    vm_write(m, VIRTIO_MMIO_STATUS, status);
-    if (!(vm_status(m) & VIRTIO_STATUS_FEATURES_OK))
-        return fail_init(m, "features-ok-rejected");
+    why = vm_init_features(m, b->accepted);
+    if (why)
+        return why;
 
     b->event_idx = b->accepted & VIRTIO_BIT(VIRTIO_F_EVENT_IDX);
     b->indirect = b->accepted & VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC);
@@ -108,16 +79,8 @@ const char *blk_init(struct blk_dev *b, const struct virtio_mmio_dev *m,
     const char *qerr = vm_setup_queue(m, 0, num, vq_desc_addr(&b->vq), vq_driver_addr(&b->vq),
                                       vq_device_addr(&b->vq));
     if (qerr)
-        return fail_init(m, qerr);
-
-    status |= VIRTIO_STATUS_DRIVER_OK;
-    vm_write(m, VIRTIO_MMIO_STATUS, status);
-    uint32_t now = vm_status(m);
-    if (now != status) {
-        ksnprintf(why, sizeof(why), "status-after-driver-ok=0x%x", now);
-        return why;
-    }
-    return NULL;
+        return vm_init_fail(m, qerr);
+    return vm_init_driver_ok(m);
 }
 
 unsigned blk_max_segs(const struct blk_dev *b)

@@ -3,6 +3,7 @@
 
 #include "cmdline.h"
 #include "io.h"
+#include "printf.h"
 #include "string.h"
 #include "tsc.h"
 
@@ -152,5 +153,63 @@ const char *vm_setup_queue(const struct virtio_mmio_dev *d, unsigned q, uint16_t
     vm_write(d, VIRTIO_MMIO_QUEUE_READY, 1);
     if (vm_read(d, VIRTIO_MMIO_QUEUE_READY) != 1)
         return "queue-ready-not-set";
+    return NULL;
+}
+
+#define INIT_STATUS (VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK)
+
+const char *vm_init_begin(const struct virtio_mmio_dev *m, uint32_t device_id, const char *kind,
+                          unsigned reset_ms)
+{
+    static char why[64];
+    if (!m->parsed)
+        return "bad-token";
+    uint32_t magic = vm_read(m, VIRTIO_MMIO_MAGIC);
+    if (magic != VIRTIO_MMIO_MAGIC_VALUE) {
+        ksnprintf(why, sizeof(why), "bad-magic=0x%x", magic);
+        return why;
+    }
+    uint32_t version = vm_read(m, VIRTIO_MMIO_VERSION);
+    if (version != 2) {
+        ksnprintf(why, sizeof(why), "version=%u", version);
+        return why;
+    }
+    uint32_t id = vm_read(m, VIRTIO_MMIO_DEVICE_ID);
+    if (id != device_id) {
+        ksnprintf(why, sizeof(why), "not-%s device-id=%u", kind, id);
+        return why;
+    }
+    if (!vm_reset(m, reset_ms))
+        return "reset-timeout";
+    vm_write(m, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE);
+    vm_write(m, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+    return NULL;
+}
+
+const char *vm_init_fail(const struct virtio_mmio_dev *m, const char *why)
+{
+    vm_write(m, VIRTIO_MMIO_STATUS, vm_status(m) | VIRTIO_STATUS_FAILED);
+    return why;
+}
+
+const char *vm_init_features(const struct virtio_mmio_dev *m, uint64_t accepted)
+{
+    vm_set_driver_features(m, accepted);
+    vm_write(m, VIRTIO_MMIO_STATUS, INIT_STATUS);
+    if (!(vm_status(m) & VIRTIO_STATUS_FEATURES_OK))
+        return vm_init_fail(m, "features-ok-rejected");
+    return NULL;
+}
+
+const char *vm_init_driver_ok(const struct virtio_mmio_dev *m)
+{
+    static char why[48];
+    uint32_t status = INIT_STATUS | VIRTIO_STATUS_DRIVER_OK;
+    vm_write(m, VIRTIO_MMIO_STATUS, status);
+    uint32_t now = vm_status(m);
+    if (now != status) {
+        ksnprintf(why, sizeof(why), "status-after-driver-ok=0x%x", now);
+        return why;
+    }
     return NULL;
 }

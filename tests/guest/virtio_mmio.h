@@ -63,6 +63,7 @@
 /* Device IDs (5). */
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_BALLOON 5
 
 #define VIRTIO_MMIO_MAX_DEVICES 16
 
@@ -119,6 +120,12 @@ uint32_t vm_config32(const struct virtio_mmio_dev *d, unsigned off);
 /* Two 32-bit reads inside a ConfigGeneration check (retried when it changes). */
 uint64_t vm_config64(const struct virtio_mmio_dev *d, unsigned off, uint32_t *generation);
 
+/* Config space write (the balloon's `actual`: the one field a driver writes). */
+static inline void vm_config_write32(const struct virtio_mmio_dev *d, unsigned off, uint32_t v)
+{
+    *(volatile uint32_t *)(d->base + VIRTIO_MMIO_CONFIG + off) = v;
+}
+
 /* Reads InterruptStatus; when non-zero, writes the same bits to InterruptACK. */
 uint32_t vm_ack_interrupts(const struct virtio_mmio_dev *d);
 
@@ -129,6 +136,22 @@ uint32_t vm_ack_interrupts(const struct virtio_mmio_dev *d);
  */
 const char *vm_setup_queue(const struct virtio_mmio_dev *d, unsigned q, uint16_t num,
                            uint64_t desc, uint64_t driver, uint64_t device);
+
+/*
+ * The device initialisation steps (3.1.1) every driver here shares.  Each returns
+ * NULL or what went wrong (a static buffer for messages with a value).
+ *
+ * vm_init_begin: the token parsed, magic, version 2 and device_id (else
+ * "not-<kind> device-id=N"), reset (polled up to reset_ms), ACKNOWLEDGE, DRIVER.
+ */
+const char *vm_init_begin(const struct virtio_mmio_dev *m, uint32_t device_id, const char *kind,
+                          unsigned reset_ms);
+/* Writes the driver features and FEATURES_OK, which must stay set. */
+const char *vm_init_features(const struct virtio_mmio_dev *m, uint64_t accepted);
+/* Writes DRIVER_OK; Status must then read exactly 0x0f. */
+const char *vm_init_driver_ok(const struct virtio_mmio_dev *m);
+/* Sets FAILED in Status and returns why. */
+const char *vm_init_fail(const struct virtio_mmio_dev *m, const char *why);
 
 static inline void vm_notify(const struct virtio_mmio_dev *d, unsigned q)
 {

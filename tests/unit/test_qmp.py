@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stratovirt_py.backends import BackendRegistry
+from stratovirt_py.balloon import Balloon, BalloonError
 from stratovirt_py.config import CpuTopology, DriveConfig, MachineConfig, NetdevConfig
 from stratovirt_py.hotplug import DeviceRequest, Hotplug
 from stratovirt_py.lifecycle import Lifecycle, RunState
@@ -60,6 +61,7 @@ class FakeMachine:
         self.lifecycle = Lifecycle(self.vcpus, self.emit_event, pause_timeout=0.01)
         self.lifecycle.started(paused=False)
         self.hotplug = Hotplug(SlotTable(), BackendRegistry())  # no slots, unless a test adds
+        self.balloon: Balloon | None = None
 
     @property
     def state(self) -> RunState:
@@ -103,6 +105,23 @@ class FakeMachine:
 
     def device_add(self, request: DeviceRequest) -> None:
         self.hotplug.device_add(request)
+
+    def _balloon(self) -> Balloon:
+        if self.balloon is None:
+            raise BalloonError("No balloon device has been activated", "DeviceNotActive")
+        return self.balloon
+
+    def balloon_set_target(self, value: int) -> None:
+        self._balloon().set_target(value)
+
+    def balloon_actual(self) -> int:
+        return self._balloon().actual()
+
+    def qom_get(self, path: str, name: str) -> Any:
+        return self._balloon().qom_get(path, name)
+
+    def qom_set(self, path: str, name: str, value: Any) -> None:
+        self._balloon().qom_set(path, name, value)
 
     async def device_del(self, device_id: str) -> None:
         await self.hotplug.detach(device_id)

@@ -19,12 +19,7 @@ from dataclasses import dataclass
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.config import DriveConfig
 from stratovirt_py.devices.virtio.dataplane import DeviceWiring, device_lock, new_c_device
-from stratovirt_py.devices.virtio.mmio import (
-    VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_RING_INDIRECT_DESC,
-    QueueSetup,
-    read_config_bytes,
-)
+from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_queue, read_config_bytes
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +175,10 @@ class VirtioBlock:
         queue = queues[0]
         if not queue.ready:
             return 0
-        vq = self.c.vq
-        vq.size = queue.size if queue.size <= QUEUE_MAX_SIZE else 0
-        vq.desc_gpa, vq.avail_gpa, vq.used_gpa = queue.desc, queue.driver, queue.device
-        vq.event_idx = int(bool(features & VIRTIO_F_RING_EVENT_IDX))
-        vq.indirect = int(bool(features & VIRTIO_F_RING_INDIRECT_DESC))
         self.c.discard = int(bool(features & VIRTIO_BLK_F_DISCARD))
         self.c.write_zeroes = int(bool(features & VIRTIO_BLK_F_WRITE_ZEROES))
-        error = lib.svpy_vq_activate(ffi.addressof(self.c, "vq"), self._c_memory)
+        error = activate_queue(ffi.addressof(self.c, "vq"), queue, features, QUEUE_MAX_SIZE,
+                               self._c_memory)
         if error:
             return error
         lib.svpy_blk_process(self.c)  # requests queued before DRIVER_OK

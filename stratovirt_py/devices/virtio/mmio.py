@@ -100,6 +100,17 @@ class VirtioDevice(Protocol):
         ...
 
 
+def activate_queue(vq: Any, setup: QueueSetup, features: int, max_size: int,
+                   c_memory: Any) -> int:
+    """Hands one queue the driver set up to the C side (struct svpy_virtqueue *):
+    0, or the svpy_vq_error that refuses it (a size above `max_size` is refused)."""
+    vq.size = setup.size if setup.size <= max_size else 0
+    vq.desc_gpa, vq.avail_gpa, vq.used_gpa = setup.desc, setup.driver, setup.device
+    vq.event_idx = int(bool(features & VIRTIO_F_RING_EVENT_IDX))
+    vq.indirect = int(bool(features & VIRTIO_F_RING_INDIRECT_DESC))
+    return lib.svpy_vq_activate(vq, c_memory)
+
+
 def read_config_bytes(config: bytes, offset: int, size: int) -> int:
     """A driver's read of `size` bytes at `offset` of a config space; 0 outside it."""
     if offset + size > len(config) or size not in (1, 2, 4, 8):

@@ -13,12 +13,7 @@ import struct
 
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.devices.virtio.dataplane import DeviceWiring, device_lock, new_c_device
-from stratovirt_py.devices.virtio.mmio import (
-    VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_RING_INDIRECT_DESC,
-    QueueSetup,
-    read_config_bytes,
-)
+from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_queue, read_config_bytes
 from stratovirt_py.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -134,12 +129,8 @@ class VirtioNet:
         for queue, field in zip(queues, ("rxq", "txq"), strict=True):
             if not queue.ready:
                 continue
-            vq = ffi.addressof(self.c, field)
-            vq.size = queue.size if queue.size <= QUEUE_MAX_SIZE else 0
-            vq.desc_gpa, vq.avail_gpa, vq.used_gpa = queue.desc, queue.driver, queue.device
-            vq.event_idx = int(bool(features & VIRTIO_F_RING_EVENT_IDX))
-            vq.indirect = int(bool(features & VIRTIO_F_RING_INDIRECT_DESC))
-            error = lib.svpy_vq_activate(vq, self._c_memory)
+            error = activate_queue(ffi.addressof(self.c, field), queue, features,
+                                   QUEUE_MAX_SIZE, self._c_memory)
             if error:
                 return error
         self._apply_offloads()
