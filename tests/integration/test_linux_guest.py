@@ -7,6 +7,7 @@ test-artifacts/linux-guest/serial.log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 
 from tests.conftest import ARTIFACTS
 from tests.helpers import MONITOR, REPO, host_cpuinfo, monitor_env
+from tests.netns import net_namespace
 
 pytestmark = pytest.mark.linux
 
@@ -31,18 +34,23 @@ TINY_KERNEL = GUEST / "tiny" / "vmlinux"  # scripts/build-guest-kernel tiny
 BOOT_TIMEOUT = 600
 USER_SPACE_MARKER = "stratovirt-py guest: user space ready"
 SECTOR = 512
+TAPS = ("tap0", "tap1")  # in the test's namespace, for eth0 and eth1
+HOST_ADDRESSES = ("10.0.2.1", "10.0.3.1")
+GUEST_ADDRESSES = ("10.0.2.15", "10.0.3.15")
+TRANSFER_BYTES = 128 << 10
 
 
 class LinuxGuest:
     """A booted Linux guest: console over the monitor's stdio, QMP on a socket."""
 
-    def __init__(self, workdir: Path, log_path: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, log_path: Path, *args: str,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.qmp_path = workdir / "qmp.sock"
         self.log_path = log_path
         self.log = bytearray()
         self.lock = threading.Lock()
         self.process = subprocess.Popen(
-            [*MONITOR, "-kernel", str(KERNEL), "-initrd", str(INITRAMFS), "-m", "256",
+            [*prefix, *MONITOR, "-kernel", str(KERNEL), "-initrd", str(INITRAMFS), "-m", "256",
              "-append", "console=ttyS0 reboot=k panic=-1", "-serial", "stdio",
              "-qmp", f"unix:{self.qmp_path},server,nowait", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -140,19 +148,26 @@ def linux(tmp_path_factory):
     shutil.copy(ROOTFS, data_disk)
     artifacts = ARTIFACTS / "linux-guest"
     artifacts.mkdir(parents=True, exist_ok=True)
-    guest = LinuxGuest(workdir, artifacts / "serial.log", "-smp", "2",
-                       "-drive", f"id=data,file={data_disk},direct=off,serial=DATA-DISK",
-                       "-device", "virtio-blk-device,drive=data,id=data")
-    guest.workdir = workdir  # type: ignore[attr-defined]
-    guest.data_disk = data_disk  # type: ignore[attr-defined]
-    try:
-        guest.wait_for("Run /init as init process", timeout=BOOT_TIMEOUT)
-        guest.connect_qmp()
-        yield guest
-    finally:
-        guest.stop()
-        (artifacts / "monitor.log").write_bytes(guest.process.stderr.read()
-                                                if guest.process.stderr else b"")
+    # The guest's NICs reach only taps in a namespace of the test's own.
+    with net_namespace() as namespace:
+        for tap, address in zip(TAPS, HOST_ADDRESSES, strict=True):
+            namespace.add_tap(tap, f"{address}/24")
+        guest = LinuxGuest(workdir, artifacts / "serial.log", "-smp", "2",
+                           "-drive", f"id=data,file={data_disk},direct=off,serial=DATA-DISK",
+                           "-device", "virtio-blk-device,drive=data,id=data",
+                           "-device", "virtio-balloon-device,free-page-reporting=on",
+                           prefix=tuple(namespace.exec_prefix))
+        guest.workdir = workdir  # type: ignore[attr-defined]
+        guest.data_disk = data_disk  # type: ignore[attr-defined]
+        guest.namespace = namespace  # type: ignore[attr-defined]
+        try:
+            guest.wait_for("Run /init as init process", timeout=BOOT_TIMEOUT)
+            guest.connect_qmp()
+            yield guest
+        finally:
+            guest.stop()
+            (artifacts / "monitor.log").write_bytes(guest.process.stderr.read()
+                                                    if guest.process.stderr else b"")
 
 
 def test_reaches_user_space(linux):
@@ -233,6 +248,139 @@ def test_hot_plug_unplug_and_data(linux):
     assert linux.events[-1]["data"] == {"device": "drive-0", "path": "drive-0"}
     linux.wait_for(r"vdb: detected capacity change from 16384 to 0", start=start)
     assert image.read_bytes()[:17] == b"hot-plugged-data\n"
+
+
+def carrier(linux, index: int) -> str:
+    return linux.shell(f"cat /sys/class/net/eth{index}/carrier").strip()
+
+
+def wait_for_carrier(linux, index: int, value: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while carrier(linux, index) != value:
+        assert time.monotonic() < deadline, f"eth{index} carrier never became {value}"
+        time.sleep(0.5)
+
+
+def sha256_of(output: str, path: str) -> str:
+    """sha256sum's answer for `path` (kernel messages may share the console)."""
+    match = re.search(rf"\b([0-9a-f]{{64}})  {re.escape(path)}", output)
+    assert match, output
+    return match.group(1)
+
+
+def ping(linux, index: int, count: int = 2) -> subprocess.CompletedProcess:
+    return linux.namespace.run(["ping", "-c", str(count), "-W", "10", "-i", "0.5",
+                                GUEST_ADDRESSES[index]], timeout=120, check=False)
+
+
+def test_both_nics_exist_with_their_link_down_before_any_hot_plug(linux):
+    for index in (0, 1):
+        linux.shell(f"ip link set eth{index} up")
+        assert carrier(linux, index) == "0"
+    addresses = [linux.shell(f"cat /sys/class/net/eth{i}/address").strip() for i in (0, 1)]
+    # Locally administered, unicast, and different.
+    assert all(int(a[:2], 16) & 3 == 2 for a in addresses) and addresses[0] != addresses[1]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_nic_hot_plug_pings_and_moves_files_both_ways(linux, index, tmp_path):
+    netdev = f"net-{index}"
+    assert linux.execute("netdev_add", id=netdev, ifname=TAPS[index]) == {"return": {}}
+    assert linux.execute("device_add", id=netdev, driver="virtio-net-mmio",
+                         addr=f"{index:#x}") == {"return": {}}
+    wait_for_carrier(linux, index, "1")
+    # The guest's busybox `ip addr add` says "can't find device 'eth0'"; ifconfig works.
+    linux.shell(f"ifconfig eth{index} {GUEST_ADDRESSES[index]} netmask 255.255.255.0 up")
+    result = ping(linux, index)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    served = tmp_path / "served"
+    served.write_bytes(os.urandom(TRANSFER_BYTES))
+    peer = linux.namespace.popen(
+        [sys.executable, "-m", "tests.http_peer", HOST_ADDRESSES[index], "8080", str(served)],
+        stdout=subprocess.PIPE, cwd=REPO, text=True)
+    try:
+        assert peer.stdout.readline().strip() == "ready"
+        url = f"http://{HOST_ADDRESSES[index]}:8080"
+        # host -> guest
+        got = linux.shell(f"wget -q -O /tmp/in {url}/file && sha256sum /tmp/in", timeout=300)
+        assert sha256_of(got, "/tmp/in") == hashlib.sha256(served.read_bytes()).hexdigest()
+        # guest -> host
+        # busybox wget posts a file as a C string: the data must hold no NUL, so base64.
+        sent = linux.shell(f"dd if=/dev/urandom bs=1k count={TRANSFER_BYTES >> 10} 2>/dev/null "
+                           f"| base64 > /tmp/out; sha256sum /tmp/out; wc -c < /tmp/out; "
+                           f"wget -q -O /dev/null --post-file /tmp/out {url}/upload",
+                           timeout=300)
+        size = int(re.findall(r"^(\d+)\s*$", sent, re.MULTILINE)[-1])
+        assert size > TRANSFER_BYTES
+        assert peer.stdout.readline().split() == ["upload", sha256_of(sent, "/tmp/out"),
+                                                  str(size)]
+    finally:
+        peer.kill()
+        peer.wait()
+
+    start = len(linux.events)
+    assert linux.execute("device_del", id=netdev) == {"return": {}}
+    assert {"device": netdev, "path": netdev} in [
+        event["data"] for event in linux.events[start:] if event["event"] == "DEVICE_DELETED"]
+    wait_for_carrier(linux, index, "0")
+    assert ping(linux, index, count=1).returncode != 0
+
+    # The netdev (and its tap) stayed: a new device_add brings the link back.
+    assert linux.execute("device_add", id=netdev, driver="virtio-net-mmio",
+                         addr=f"{index:#x}") == {"return": {}}
+    wait_for_carrier(linux, index, "1")
+    result = ping(linux, index)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def monitor_rss(linux) -> int:
+    with open(f"/proc/{linux.process.pid}/status") as status:
+        return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmRSS:"))
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+
+
+def test_free_page_reporting_gives_freed_memory_back_without_a_command(linux):
+    before = monitor_rss(linux)
+    # dd fills a 64 MiB buffer (more than the guest has touched since boot, so the host must
+    # back most of it) and frees it when it exits. Filling takes a while on emulating hosts.
+    linux.shell("dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null & :")
+    wait_until(lambda: monitor_rss(linux) - before > 48 << 20, 600,
+               f"the guest's buffer never showed in the monitor's RSS ({before >> 20} MiB)")
+    wait_until(lambda: monitor_rss(linux) - before < 24 << 20, 300,
+               f"the freed memory never came back: RSS {monitor_rss(linux) >> 20} MiB, "
+               f"{before >> 20} MiB before")
+
+
+def test_balloon_takes_memory_from_the_guest_and_gives_it_back(linux):
+    ram = 256 << 20
+    assert linux.execute("query-balloon") == {"return": {"actual": ram}}
+    linux.shell("dd if=/dev/zero of=/dev/null bs=48M count=1 2>/dev/null", timeout=300)
+    start = len(linux.events)
+    target = ram - (64 << 20)
+    assert linux.execute("balloon", value=target) == {"return": {}}
+    wait_until(lambda: linux.execute("query-balloon")["return"]["actual"] == target, 300,
+               "the guest never reached the balloon target")
+    linux.execute("query-status")  # collects the events sent meanwhile
+    changes = [e for e in linux.events[start:] if e["event"] == "BALLOON_CHANGED"]
+    assert changes and changes[-1]["data"]["actual"] <= target + (4 << 20)
+    total_kb = int(re.search(r"MemTotal:\s+(\d+)", linux.shell("cat /proc/meminfo")).group(1))
+    assert total_kb << 10 < target  # the guest really gave the memory up
+    # Above the boot size means the boot size: everything comes back.
+    assert linux.execute("balloon", value=ram * 4) == {"return": {}}
+    wait_until(lambda: linux.execute("query-balloon")["return"]["actual"] == ram, 300,
+               "the guest never took its memory back")
+    stats_path = "/machine/peripheral/balloon0"
+    assert linux.execute("qom-set", path=stats_path, property="guest-stats-polling-interval",
+                         value=1) == {"return": {}}
+    wait_until(lambda: linux.execute("qom-get", path=stats_path, property="guest-stats")[
+        "return"]["stats"]["stat-total-memory"] > 0, 60, "no statistics from the guest")
 
 
 def test_quit_ends_the_vm(linux):
