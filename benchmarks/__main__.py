@@ -8,12 +8,14 @@ import datetime as dt
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks import harness, report
-from benchmarks.metrics import BLOCK_WORKLOADS, GROUPS, METRICS, MiB
+from benchmarks.metrics import BLOCK_WORKLOADS, FRAME_WORKLOADS, GROUPS, METRICS, MiB
+from tests.netns import netns_unavailable
 
 DEFAULTS = {
     # guest: (reps, warm-up pairs, settle seconds, per-run timeout seconds)
@@ -40,7 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="warm-up pairs, discarded (svtest 1, linux 0)")
     parser.add_argument("--metrics",
                         help=f"comma-separated subset of {','.join(GROUPS)} (all that the "
-                             "guest can take: block is svtest only)")
+                             "guest and host can take: block is svtest only, net needs root "
+                             "for its network namespaces)")
     parser.add_argument("--monitors", default="ours,qemu", help="comma-separated: ours,qemu")
     parser.add_argument("--output", type=Path,
                         help="JSON results (default bench-results/<date>-<guest>.json)")
@@ -69,7 +72,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--reps, --qmp-requests and --mem must be positive, --warmup >= 0")
     allowed = GUEST_GROUPS[args.guest]
     if args.metrics is None:
-        args.metrics = ",".join(allowed)
+        # net only where it can run: it makes network namespaces and taps.
+        args.metrics = ",".join(g for g in allowed if g != "net" or netns_unavailable() is None)
     args.groups = frozenset(g.strip() for g in args.metrics.split(",") if g.strip())
     if not args.groups or not args.groups <= set(allowed):
         parser.error(f"--metrics must be a subset of {','.join(allowed)} for the "
@@ -111,8 +115,15 @@ def print_progress(record: harness.RunRecord, reps: int) -> None:
     print(f"bench: {label} {record.kind} {record.monitor}: {text}", file=sys.stderr, flush=True)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # A SIGTERM ends the benchmark as Ctrl-C does: the runs' finally blocks kill
+    # the monitors and remove the network namespaces.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _terminated)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("bench: /dev/kvm is missing or not accessible", file=sys.stderr)
         return 2
@@ -125,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {error}", file=sys.stderr)
         return 2
     block = "block" in args.groups
+    if "net" in args.groups and (reason := netns_unavailable()):
+        print(f"bench: the net metric cannot run here: {reason}", file=sys.stderr)
+        return 2
     settings = harness.Settings(mem_mib=args.mem, smp=1, qmp_requests=args.qmp_requests,
                                 groups=args.groups, python=sys.executable, qemu=args.qemu,
                                 block_reps=args.block_reps if block else None)
@@ -172,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                 "cmdlines": {case.metric: guest.block_cmdline(case)
                              for case in harness.block_cases(guest, args.groups)},
             } if block else None,
+            "net": {
+                "linux_plan": dataclasses.asdict(settings.net_plan),
+                "frame_workloads": [dataclasses.asdict(w) for w in FRAME_WORKLOADS],
+                "frame_cmdlines": {w.metric: guest.net_cmdline(w)
+                                   for w in harness.frame_workloads(guest, args.groups)},
+            } if "net" in args.groups else None,
         },
         "metrics": rows,
         "runs": [r.as_dict() for r in records],

@@ -15,6 +15,15 @@ Run kinds:
              the disk image's page cache is put in its state, then the guest runs
              `blk-bench` with the disk attached and the monitor runs to its exit.
              All block kinds run in the first `block_reps` pairs only.
+    net      Linux only: in a network namespace of its own, with a tap, the guest
+             boots, its eth0 is configured over the console, then TCP each way
+             and ping (`benchmarks.net.linux_net_run`), then `quit`.
+    net.*    svtest only, one per frame workload (the kind is the metric's name):
+             in a namespace of its own, the host drains or floods the tap while
+             the guest runs `net-bench`; the monitor runs to its exit.
+
+Net runs start the monitor under `ip netns exec`; the namespace, its tap and
+every process in it are removed when the run ends, whatever happened.
 
 Every monitor process is killed in a `finally` (SIGKILL if still alive), every
 wait has a deadline, sockets live in a temporary directory, and a run that fails
@@ -34,10 +43,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import metrics
-from benchmarks.metrics import BLOCK_CASES, NS_PER_MS, BlockCase, ProbeError
+from benchmarks import metrics, net
+from benchmarks.metrics import (
+    BLOCK_CASES,
+    FRAME_WORKLOADS,
+    LINUX_NET_METRICS,
+    NS_PER_MS,
+    BlockCase,
+    FrameWorkload,
+    ProbeError,
+)
 from benchmarks.smaps import RamMappingError, account_process
 from stratovirt_py.arch.x86_64.host_quirks import host_cmdline_additions, host_is_pvm
+from tests.netns import NetnsError, net_namespace
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -78,6 +96,9 @@ class Guest:
 
     def block_cmdline(self, case: BlockCase) -> str:
         return f"{case.workload.cmdline()} {self.extra_cmdline}".strip()
+
+    def net_cmdline(self, workload: FrameWorkload) -> str:
+        return f"{workload.cmdline()} {self.extra_cmdline}".strip()
 
 
 def svtest_guest(kernel: Path, settle_s: float, timeout_s: float) -> Guest:
@@ -125,6 +146,8 @@ class Settings:
     # The block metric's disk image (made by `make_disk_image`) and its pair count.
     block_image: Path | None = None
     block_reps: int | None = None  # None: as many as the other metrics
+    # The Linux net run's transfer sizes and ping count.
+    net_plan: net.LinuxNetPlan = net.LINUX_NET_PLAN
 
 
 @dataclass(frozen=True)
@@ -134,6 +157,8 @@ class Monitor:
     command: Callable[[Guest, str, Path, Settings], list[str]]
     # (image, direct) -> the arguments adding it as the guest's disk 0
     disk: Callable[[Path, bool], list[str]]
+    # tap name -> the arguments adding a virtio-net NIC on it
+    nic: Callable[[str], list[str]]
     env: dict[str, str] | None = None
 
 
@@ -184,8 +209,8 @@ def ours_env() -> dict[str, str]:
 
 
 MONITORS = {
-    "ours": Monitor("ours", ours_command, ours_disk, ours_env()),
-    "qemu": Monitor("qemu", qemu_command, qemu_disk, None),
+    "ours": Monitor("ours", ours_command, ours_disk, net.ours_nic, ours_env()),
+    "qemu": Monitor("qemu", qemu_command, qemu_disk, net.qemu_nic, None),
 }
 
 
@@ -228,11 +253,15 @@ class Launched:
 
 @contextlib.contextmanager
 def launched(argv: list[str], env: dict[str, str] | None, markers: dict[str, bytes],
-             stderr_path: Path) -> Iterator[Launched]:
-    """Starts a monitor with its serial on a pipe; kills it on the way out, whatever happens."""
+             stderr_path: Path, console_input: bool = False) -> Iterator[Launched]:
+    """Starts a monitor with its serial on a pipe; kills it on the way out, whatever happens.
+
+    With `console_input` the serial's input is a pipe too (process.stdin).
+    """
+    stdin = subprocess.PIPE if console_input else subprocess.DEVNULL
     with stderr_path.open("wb") as stderr:
         t0 = time.monotonic_ns()
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        process = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
                                    stderr=stderr, cwd=REPO, env=env)
     assert process.stdout is not None
     serial = None
@@ -249,6 +278,9 @@ def launched(argv: list[str], env: dict[str, str] | None, markers: dict[str, byt
         if serial is not None:
             serial.join()
         process.stdout.close()
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
         if exits is not None:
             exits.close()
 
@@ -331,9 +363,7 @@ def run_session(record: RunRecord, monitor: Monitor, guest: Guest, settings: Set
                 record.details["qmp_burst_seconds"] = burst.seconds
             _quit(record, run, client)
         except (ProbeError, RamMappingError, OSError, ValueError) as error:
-            record.error = f"{type(error).__name__}: {error}"
-            record.details["serial_tail"] = run.serial.tail()
-            record.details["stderr_tail"] = run.stderr_tail()
+            _failed(record, run, error)
         finally:
             if client is not None:
                 client.close()
@@ -413,6 +443,80 @@ def run_block(record: RunRecord, monitor: Monitor, guest: Guest, case: BlockCase
             record.details["stderr_tail"] = run.stderr_tail()
 
 
+def run_net_linux(record: RunRecord, monitor: Monitor, guest: Guest, qmp_path: Path,
+                  workdir: Path, plan: net.LinuxNetPlan) -> None:
+    """Linux in a namespace with a tap: boot, eth0 up, TCP each way, ping, quit."""
+    stderr_path = workdir / f"{record.monitor}-net-{record.pair}.stderr"
+    client = None
+    with net_namespace("svpy-bench") as namespace:
+        net.prepare_namespace(namespace)
+        record.argv = [*namespace.exec_prefix, *record.argv]
+        markers = {"ready": LINUX_USERSPACE}
+        with launched(record.argv, monitor.env, markers, stderr_path,
+                      console_input=True) as run:
+            try:
+                deadline = run.t0 + int(guest.timeout_s * 1e9)
+                _, client = metrics.connect_qmp(qmp_path, deadline, run.alive)
+                client.execute("qmp_capabilities")
+                check = _boot_check(run, client)
+                run.serial.wait_for("ready", deadline, check)
+                record.details["userspace_ms"] = _ms(run.t0, run.serial.marker_ns["ready"])
+                assert run.process.stdin is not None
+                console = net.GuestConsole(run.process.stdin, run.serial, check)
+                values, details = net.linux_net_run(namespace, console, plan, str(REPO),
+                                                    guest.timeout_s)
+                record.values.update(values)
+                record.details.update(details)
+                _quit(record, run, client)
+            except (ProbeError, NetnsError, OSError, ValueError, KeyError,
+                    subprocess.TimeoutExpired) as error:
+                _failed(record, run, error)
+            finally:
+                if client is not None:
+                    client.close()
+
+
+def run_net_frames(record: RunRecord, monitor: Monitor, guest: Guest,
+                   workload: FrameWorkload, workdir: Path) -> None:
+    """One svtest net-bench run in a namespace: the host drains or floods the tap."""
+    stderr_path = workdir / f"{record.monitor}-{record.kind}-{record.pair}.stderr"
+    with net_namespace("svpy-bench") as namespace:
+        tap = net.prepare_namespace(namespace)
+        record.argv = [*namespace.exec_prefix, *record.argv]
+        peer_args = net.frame_peer_args(workload, tap, guest.timeout_s)
+        markers = {"start": net.NET_START_MARKER}
+        with net.peer(namespace, peer_args, str(REPO)) as host, \
+                launched(record.argv, monitor.env, markers, stderr_path) as run:
+            try:
+                if workload.direction == "rx":
+                    run.serial.wait_for("start", run.t0 + int(guest.timeout_s * 1e9))
+                    host.go()
+                code, _ = _wait_for_exit(run, guest, record)
+                # The host's side first: it tells why a failed run failed, too.
+                host_side = host.result(10, stop=True)
+                record.details["host"] = host_side
+                result = net.parse_net_bench(bytes(run.serial.data), run.serial.arrival_ns)
+                record.details["net_bench"] = result.as_dict()
+                ran = (result.direction, result.size, result.count)
+                wanted = (workload.direction, workload.size, workload.count)
+                if ran != wanted:
+                    raise ProbeError(f"the guest ran dir, size, count = {ran}, not {wanted}")
+                if code != 0:
+                    raise ProbeError(f"the monitor exited with status {code}")
+                net.check_frame_peer(workload, host_side)
+                record.values[workload.metric] = result.frames_per_second
+            except (ProbeError, OSError, ValueError, KeyError,
+                    subprocess.TimeoutExpired) as error:
+                _failed(record, run, error)
+
+
+def _failed(record: RunRecord, run: Launched, error: Exception) -> None:
+    """Keeps why a run failed, with the tails of its console and stderr."""
+    record.error = f"{type(error).__name__}: {error}"
+    record.details["serial_tail"] = run.serial.tail()
+    record.details["stderr_tail"] = run.stderr_tail()
+
+
 def _boot_check(run: Launched, client: metrics.QmpClient) -> Callable[[], None]:
     """Gives up on a boot early: the monitor exited, or QMP says the guest stopped.
 
@@ -465,11 +569,19 @@ def run_kinds(guest: Guest, groups: frozenset[str]) -> list[str]:
                                                     else set())
     if groups & session_groups:
         kinds.append("session")
-    return kinds + [case.metric for case in block_cases(guest, groups)]
+    if guest.name == "linux" and "net" in groups:
+        kinds.append("net")
+    return (kinds + [case.metric for case in block_cases(guest, groups)]
+            + [workload.metric for workload in frame_workloads(guest, groups)])
 
 
 def block_cases(guest: Guest, groups: frozenset[str]) -> list[BlockCase]:
     return list(BLOCK_CASES) if guest.block and "block" in groups else []
+
+
+def frame_workloads(guest: Guest, groups: frozenset[str]) -> list[FrameWorkload]:
+    """svtest's net-bench runs (the Linux guest measures net through TCP and ping)."""
+    return list(FRAME_WORKLOADS) if guest.name == "svtest" and "net" in groups else []
 
 
 def kind_reps(kind: str, settings: Settings, reps: int) -> int:
@@ -492,7 +604,10 @@ def expected_metrics(guest: Guest, groups: frozenset[str]) -> list[str]:
     names += ["memory.overhead-rss", "memory.overhead-pss",
               "qmp.latency-p50", "qmp.latency-p99", "qmp.throughput"]
     names = [n for n in names if metrics.METRICS[n].group in groups]
-    return names + [case.metric for case in block_cases(guest, groups)]
+    if guest.name == "linux" and "net" in groups:
+        names += LINUX_NET_METRICS
+    return (names + [case.metric for case in block_cases(guest, groups)]
+            + [workload.metric for workload in frame_workloads(guest, groups)])
 
 
 def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: int,
@@ -505,6 +620,7 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
     records: list[RunRecord] = []
     kinds = run_kinds(guest, settings.groups)
     cases = {case.metric: case for case in block_cases(guest, settings.groups)}
+    frames = {w.metric: w for w in frame_workloads(guest, settings.groups)}
     if cases and settings.block_image is None:
         raise ValueError("the block metric needs Settings.block_image")
     last_pair = max((kind_reps(kind, settings, reps) for kind in kinds), default=0)
@@ -521,6 +637,12 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
                     argv = (monitor.command(guest, guest.block_cmdline(case), qmp_path,
                                             settings)
                             + monitor.disk(settings.block_image, case.direct))
+                elif kind in frames:
+                    argv = (monitor.command(guest, guest.net_cmdline(frames[kind]), qmp_path,
+                                            settings) + monitor.nic(net.TAP))
+                elif kind == "net":
+                    argv = (monitor.command(guest, guest.session_cmdline, qmp_path, settings)
+                            + monitor.nic(net.TAP))
                 else:
                     cmdline = guest.boot_cmdline if kind == "boot" else guest.session_cmdline
                     assert cmdline is not None
@@ -530,6 +652,11 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
                     if case is not None:
                         assert settings.block_image is not None
                         run_block(record, monitor, guest, case, settings.block_image, workdir)
+                    elif kind in frames:
+                        run_net_frames(record, monitor, guest, frames[kind], workdir)
+                    elif kind == "net":
+                        run_net_linux(record, monitor, guest, qmp_path, workdir,
+                                      settings.net_plan)
                     elif kind == "boot":
                         run_boot(record, monitor, guest, workdir)
                     else:

@@ -84,6 +84,48 @@ block  (svtest only; IOPS or MiB/s, HIGHER is better)
     a `blk-bench FAIL` line, no `blk-bench done` line right after the start
     line, errors= other than 0, requests= other than the start line's count, or
     the monitor does not exit with status 0 after the guest's reset.
+
+net  (virtio-net on a tap; code in `benchmarks.net`, host side `benchmarks.netpeer`)
+    Every net run creates its own network namespace (tests/netns.py) holding
+    one tap, 10.0.2.1/24 on the host side, IPv6 off on it; the monitor runs
+    under `ip netns exec`, and so do the host's peer programs and ping.  The
+    namespace, tap and everything in it are removed after the run, whatever
+    happened.  Ours: `-netdev tap,id=n0,ifname=TAP -device
+    virtio-net-device,netdev=n0,id=net0`; QEMU: `-netdev tap,...,script=no,
+    downscript=no,vhost=off -device virtio-net-device,netdev=n0` (its
+    user-space data path, as ours) with modern virtio-mmio.
+    linux (one boot per monitor and pair, the same guest and cmdline as the
+    session run, plus the NIC): after `user space ready`, the harness types on
+    the console `ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up` (once eth0
+    exists), pings the guest once (ARP and link up, untimed), then:
+      net.g2h-tcp  (MB/s = 10^6 bytes/s, higher is better): the guest runs
+          `dd if=/dev/zero bs=65536 count=16 | nc 10.0.2.1 5001` (1 MiB); the
+          host's receiver times the first byte's arrival -> the last byte's
+          arrival, bytes / time.
+      net.h2g-tcp  (MB/s, higher is better): the guest runs `nc -l -p 5002
+          >/dev/null`; the host connects (retrying until the listener is up),
+          sends 2 MiB, shuts down its write side and waits for the guest's
+          close: connected -> the guest's FIN seen, bytes / time (so every byte
+          was read by the guest's nc).
+      net.ping-rtt (ms, lower is better): `ping -c 20 -i 0.2 10.0.2.15` on the
+          host; the median of the 20 round trips (every reply must come).
+    svtest (one boot per frame workload, monitor and pair): the guest runs
+    `svtest.action=net-bench svtest.dir=D svtest.size=S svtest.count=N` on NIC 0:
+      net.tx-<S>B  (frames/s, higher is better): the guest sends N frames of S
+          bytes (ethertype 0x88b5, S counted from the destination MAC, no FCS);
+          the host counts them on the tap (an AF_PACKET socket, its kernel
+          statistics, so none is missed) and the run fails if it saw fewer.
+      net.rx-<S>B  (frames/s, higher is better): the host writes frames of S
+          bytes and ethertype 0x88b5 into the tap (AF_PACKET) from the moment
+          the guest's start line begins to arrive until the guest is done (none
+          before: frames queued in the tap during boot would come for free),
+          keeping at most 256 queued for the monitor (paced by the tap's own
+          counters, so the sender does not spin on a full queue and take a core
+          from the guest); the guest counts N.
+      Time: as blk-bench, from the arrival of the newline of `svtest: net-bench
+      start ...` to the arrival of the next byte, the done line's; frames / time.
+      A run fails on a `net-bench FAIL` line, errors= other than 0, frames=
+      other than N, or a monitor exit status other than 0.
 """
 
 from __future__ import annotations
@@ -101,11 +143,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks.stats import percentile
 
 NS_PER_MS = 1_000_000
+_Found = TypeVar("_Found")
 NS_PER_US = 1_000
 
 
@@ -131,7 +174,7 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("qmp.latency-p99", "qmp", "us", "lower", "query-status p99"),
     MetricInfo("qmp.throughput", "qmp", "cmd/s", "higher", "pipelined query-status"),
 )}
-GROUPS = ("start", "boot", "memory", "qmp", "block")
+GROUPS = ("start", "boot", "memory", "qmp", "block", "net")
 MiB = 1 << 20
 
 
@@ -190,6 +233,41 @@ METRICS.update({case.metric: MetricInfo(
     f"{' O_DIRECT' if case.direct else ' page cache'}") for case in BLOCK_CASES})
 
 
+@dataclass(frozen=True)
+class FrameWorkload:
+    """An svtest net-bench run: `count` frames of `size` bytes one way."""
+
+    direction: str  # "tx" (guest -> host) or "rx" (host -> guest)
+    size: int  # frame bytes from the destination MAC on (no FCS)
+    count: int
+
+    @property
+    def metric(self) -> str:
+        return f"net.{self.direction}-{self.size}B"
+
+    def cmdline(self) -> str:
+        return (f"svtest.action=net-bench svtest.dir={self.direction} svtest.size={self.size} "
+                f"svtest.count={self.count}")
+
+
+# Counts: see the net section of the module's docstring.
+FRAME_WORKLOADS = (
+    FrameWorkload("tx", 64, 20000),
+    FrameWorkload("rx", 64, 20000),
+    FrameWorkload("tx", 1514, 20000),
+    FrameWorkload("rx", 1514, 20000),
+)
+LINUX_NET_METRICS = ("net.g2h-tcp", "net.h2g-tcp", "net.ping-rtt")
+METRICS.update({m.name: m for m in (
+    MetricInfo("net.g2h-tcp", "net", "MB/s", "higher", "TCP guest -> host (Linux)"),
+    MetricInfo("net.h2g-tcp", "net", "MB/s", "higher", "TCP host -> guest (Linux)"),
+    MetricInfo("net.ping-rtt", "net", "ms", "lower", "ping host -> guest, median"),
+    *(MetricInfo(w.metric, "net", "frames/s", "higher", f"{w.size}-byte frames "
+                 f"{'guest -> host' if w.direction == 'tx' else 'host -> guest'}")
+      for w in FRAME_WORKLOADS),
+)})
+
+
 class ProbeError(RuntimeError):
     """A probe gave up: timeout, the monitor died, or a wrong answer."""
 
@@ -245,18 +323,37 @@ class SerialWatcher:
         reader thread's timestamps never wait for it; it raises ProbeError to give
         up early (the monitor died, the guest stopped).
         """
+        return self._wait(lambda: self.marker_ns.get(name), repr(self._markers[name]),
+                          deadline_ns, check)
+
+    def wait_for_pattern(self, pattern: re.Pattern[bytes], start: int, deadline_ns: int,
+                         check: Any = None) -> re.Match[bytes]:
+        """The first match of `pattern` in the output from offset `start` on.
+
+        Like `wait_for`, for text only known once the run is under way (the
+        console commands of the net metric).
+        """
+        return self._wait(lambda: pattern.search(self.data, start), repr(pattern.pattern),
+                          deadline_ns, check)
+
+    def _wait(self, find: Callable[[], _Found | None], what: str, deadline_ns: int,
+              check: Any) -> _Found:
+        """Until `find()` (called under the lock) finds something: EOF or the deadline
+        raise ProbeError."""
         while True:
             with self._changed:
-                if name in self.marker_ns:
-                    return self.marker_ns[name]
+                found = find()
+                if found is not None:
+                    return found
                 if self.eof:
-                    raise ProbeError(f"serial output ended before {self._markers[name]!r}")
+                    raise ProbeError(f"serial output ended before {what}")
                 remaining = (deadline_ns - time.monotonic_ns()) / 1e9
                 if remaining <= 0:
-                    raise ProbeError(f"no {self._markers[name]!r} on the serial console in time")
+                    raise ProbeError(f"no {what} on the serial console in time")
                 self._changed.wait(min(remaining, 0.2))
-                if name in self.marker_ns:
-                    return self.marker_ns[name]
+                found = find()
+                if found is not None:
+                    return found
             if check is not None:
                 check()
 
@@ -502,6 +599,24 @@ class BlkBenchResult:
                 "tsc_ticks": self.tsc_ticks, "notifies": self.notifies}
 
 
+def timed_window(data: bytes, start: re.Match[bytes], done: re.Match[bytes],
+                 arrival_ns: Callable[[int], int | None], action: str) -> float:
+    """Seconds from the arrival of the newline ending the `start` line to the
+    arrival of the next byte, which must be the `done` line's first."""
+    if done.start() != start.end():
+        # Something else came in the timed window: the time would include it.
+        raise ProbeError(f"output between the {action} start and done lines: "
+                         f"{data[start.end():done.start()][:200]!r}")
+    newline = start.end() - 1
+    began, ended = arrival_ns(newline), arrival_ns(newline + 1)
+    if began is None or ended is None:
+        raise ProbeError(f"no arrival time for the end of the {action} start line")
+    if ended <= began:
+        # One read returned both: the run's time was spent before the reader woke.
+        raise ProbeError(f"the {action} start line's end and the done line came in one read")
+    return (ended - began) / 1e9
+
+
 def parse_blk_bench(data: bytes, arrival_ns: Callable[[int], int | None]) -> BlkBenchResult:
     """A blk-bench run from the guest's complete serial output; ProbeError if it failed.
 
@@ -516,10 +631,6 @@ def parse_blk_bench(data: bytes, arrival_ns: Callable[[int], int | None]) -> Blk
     done = BLK_DONE.search(data, start.end())
     if done is None:
         raise ProbeError("no 'svtest: blk-bench done' line after the start line")
-    if done.start() != start.end():
-        # Something else came in the timed window: the time would include it.
-        raise ProbeError("output between the blk-bench start and done lines: "
-                         f"{data[start.end():done.start()][:200]!r}")
     requests, nbytes, errors = (int(v) for v in done.groups())
     if errors:
         first = BLK_FIRST_ERROR.search(data, done.end())
@@ -528,17 +639,11 @@ def parse_blk_bench(data: bytes, arrival_ns: Callable[[int], int | None]) -> Blk
     count = int(start.group(4))
     if requests != count:
         raise ProbeError(f"blk-bench completed requests={requests}, asked for count={count}")
-    newline = start.end() - 1
-    began, ended = arrival_ns(newline), arrival_ns(newline + 1)
-    if began is None or ended is None:
-        raise ProbeError("no arrival time for the end of the blk-bench start line")
-    if ended <= began:
-        # One read returned both: the run's time was spent before the reader woke.
-        raise ProbeError("the blk-bench start line's end and the done line came in one read")
+    seconds = timed_window(data, start, done, arrival_ns, "blk-bench")
     guest = BLK_GUEST.search(data, done.end())
     guest_ms, tsc_ticks, notifies = ((int(v) for v in guest.groups()) if guest
                                      else (None, None, None))
     return BlkBenchResult(mode=start.group(1).decode(), bs=int(start.group(2)),
                           qd=int(start.group(3)), requests=requests, bytes=nbytes,
-                          seconds=(ended - began) / 1e9, guest_ms=guest_ms,
+                          seconds=seconds, guest_ms=guest_ms,
                           tsc_ticks=tsc_ticks, notifies=notifies)
