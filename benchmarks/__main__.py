@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import harness, report
+from benchmarks import balloon, harness, report
 from benchmarks.metrics import BLOCK_WORKLOADS, FRAME_WORKLOADS, GROUPS, METRICS, MiB
 from tests.netns import netns_unavailable
 
@@ -32,6 +32,13 @@ BLOCK_IMAGE_BYTES = 256 * MiB
 GUEST_GROUPS = {"svtest": GROUPS, "linux": tuple(g for g in GROUPS if g != "block")}
 
 
+BALLOON_PLANS = {"svtest": balloon.SVTEST_PLAN, "linux": balloon.LINUX_PLAN}
+
+
+def _plan_text(plan: balloon.BalloonPlan) -> str:
+    return f"{plan.mem_mib},{plan.target_mib},{plan.touch_mib}"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
@@ -43,7 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--metrics",
                         help=f"comma-separated subset of {','.join(GROUPS)} (all that the "
                              "guest and host can take: block is svtest only, net needs root "
-                             "for its network namespaces)")
+                             "for its network namespaces; balloon boots with its own -m, "
+                             "see --balloon-plan)")
     parser.add_argument("--monitors", default="ours,qemu", help="comma-separated: ours,qemu")
     parser.add_argument("--output", type=Path,
                         help="JSON results (default bench-results/<date>-<guest>.json)")
@@ -61,6 +69,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--append", default="",
                         help="extra guest command-line arguments, given to both monitors")
     parser.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    parser.add_argument("--balloon-plan", metavar="MEM,TARGET,TOUCH",
+                        help="the balloon metric's guest RAM, balloon target and memory the "
+                             "guest fills first, MiB (svtest "
+                             f"{_plan_text(balloon.SVTEST_PLAN)}, linux "
+                             f"{_plan_text(balloon.LINUX_PLAN)})")
     args = parser.parse_args(argv)
     reps, warmup, settle, timeout = DEFAULTS[args.guest]
     args.block_reps = BLOCK_REPS if args.reps is None else args.reps
@@ -68,6 +81,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.warmup = warmup if args.warmup is None else args.warmup
     args.settle = settle if args.settle is None else args.settle
     args.timeout = timeout if args.timeout is None else args.timeout
+    if args.balloon_plan is None:
+        args.balloon_plan = BALLOON_PLANS[args.guest]
+    else:
+        try:
+            args.balloon_plan = balloon.parse_plan(args.balloon_plan)
+        except ValueError as error:
+            parser.error(f"--balloon-plan: {error}")
     if args.reps < 1 or args.warmup < 0 or args.qmp_requests < 1 or args.mem < 1:
         parser.error("--reps, --qmp-requests and --mem must be positive, --warmup >= 0")
     allowed = GUEST_GROUPS[args.guest]
@@ -141,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = harness.Settings(mem_mib=args.mem, smp=1, qmp_requests=args.qmp_requests,
                                 groups=args.groups, python=sys.executable, qemu=args.qemu,
-                                block_reps=args.block_reps if block else None)
+                                block_reps=args.block_reps if block else None,
+                                balloon_plan=args.balloon_plan)
     monitors = [harness.MONITORS[name] for name in args.monitor_names]
     started = dt.datetime.now()
     output = args.output or (harness.REPO / "bench-results" /
@@ -192,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
                 "frame_cmdlines": {w.metric: guest.net_cmdline(w)
                                    for w in harness.frame_workloads(guest, args.groups)},
             } if "net" in args.groups else None,
+            "balloon": {
+                "plan": dataclasses.asdict(args.balloon_plan),
+                "cmdline": guest.balloon_cmdline(args.balloon_plan),
+                "linux_touch": (balloon.linux_touch_command(args.balloon_plan)
+                                if guest.name == "linux" else None),
+            } if "balloon" in args.groups else None,
         },
         "metrics": rows,
         "runs": [r.as_dict() for r in records],

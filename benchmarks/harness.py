@@ -15,6 +15,10 @@ Run kinds:
              the disk image's page cache is put in its state, then the guest runs
              `blk-bench` with the disk attached and the monitor runs to its exit.
              All block kinds run in the first `block_reps` pairs only.
+    balloon  the guest boots with 1 GiB and a balloon, fills memory (svtest
+             touches it, Linux runs dd), then the inflate to the target is timed
+             over QMP with the process's RSS before and after
+             (`benchmarks.balloon`), then `quit`.
     net      Linux only: in a network namespace of its own, with a tap, the guest
              boots, its eth0 is configured over the console, then TCP each way
              and ping (`benchmarks.net.linux_net_run`), then `quit`.
@@ -43,8 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import metrics, net
+from benchmarks import balloon, metrics, net
 from benchmarks.metrics import (
+    BALLOON_METRICS,
     BLOCK_CASES,
     FRAME_WORKLOADS,
     LINUX_NET_METRICS,
@@ -100,6 +105,12 @@ class Guest:
     def net_cmdline(self, workload: FrameWorkload) -> str:
         return f"{workload.cmdline()} {self.extra_cmdline}".strip()
 
+    def balloon_cmdline(self, plan: balloon.BalloonPlan) -> str:
+        """svtest's balloon action; Linux boots as in its session run."""
+        if self.name == "linux":
+            return self.session_cmdline
+        return f"{balloon.svtest_cmdline(plan)} {self.extra_cmdline}".strip()
+
 
 def svtest_guest(kernel: Path, settle_s: float, timeout_s: float) -> Guest:
     return Guest(name="svtest", kernel=kernel, initrd=None,
@@ -148,6 +159,8 @@ class Settings:
     block_reps: int | None = None  # None: as many as the other metrics
     # The Linux net run's transfer sizes and ping count.
     net_plan: net.LinuxNetPlan = net.LINUX_NET_PLAN
+    # The balloon run's sizes (its -m replaces mem_mib in that run).
+    balloon_plan: balloon.BalloonPlan = balloon.SVTEST_PLAN
 
 
 @dataclass(frozen=True)
@@ -159,6 +172,8 @@ class Monitor:
     disk: Callable[[Path, bool], list[str]]
     # tap name -> the arguments adding a virtio-net NIC on it
     nic: Callable[[str], list[str]]
+    # the arguments adding a virtio-balloon (no free page reporting)
+    balloon: Callable[[], list[str]]
     env: dict[str, str] | None = None
 
 
@@ -209,8 +224,10 @@ def ours_env() -> dict[str, str]:
 
 
 MONITORS = {
-    "ours": Monitor("ours", ours_command, ours_disk, net.ours_nic, ours_env()),
-    "qemu": Monitor("qemu", qemu_command, qemu_disk, net.qemu_nic, None),
+    "ours": Monitor("ours", ours_command, ours_disk, net.ours_nic, balloon.ours_balloon,
+                    ours_env()),
+    "qemu": Monitor("qemu", qemu_command, qemu_disk, net.qemu_nic, balloon.qemu_balloon,
+                    None),
 }
 
 
@@ -510,6 +527,65 @@ def run_net_frames(record: RunRecord, monitor: Monitor, guest: Guest,
                 _failed(record, run, error)
 
 
+# Boot plus touching 600 MiB takes the freestanding guest ~13 s here: more than
+# the 30 s a plain svtest run may take once the host is busy.
+BALLOON_SVTEST_MIN_TIMEOUT_S = 120.0
+
+
+def run_balloon(record: RunRecord, monitor: Monitor, guest: Guest, plan: balloon.BalloonPlan,
+                qmp_path: Path, workdir: Path) -> None:
+    """Boot with a balloon, fill guest memory, time the inflate to the target, quit."""
+    linux = guest.name == "linux"
+    timeout_s = guest.timeout_s if linux else max(guest.timeout_s,
+                                                  BALLOON_SVTEST_MIN_TIMEOUT_S)
+    stderr_path = workdir / f"{record.monitor}-balloon-{record.pair}.stderr"
+    markers = {"ready": LINUX_USERSPACE if linux else balloon.SVTEST_READY_MARKER}
+    client = None
+    with launched(record.argv, monitor.env, markers, stderr_path, console_input=True) as run:
+        try:
+            deadline = run.t0 + int(timeout_s * 1e9)
+            _, client = metrics.connect_qmp(qmp_path, deadline, run.alive)
+            client.execute("qmp_capabilities")
+            check = _boot_check(run, client)
+            if linux:
+                run.serial.wait_for("ready", deadline, check)
+                record.details["userspace_ms"] = _ms(run.t0, run.serial.marker_ns["ready"])
+                assert run.process.stdin is not None
+                console = net.GuestConsole(run.process.stdin, run.serial, check)
+                started = time.monotonic_ns()
+                console.run(balloon.linux_touch_command(plan), timeout_s)
+                record.details["touch_ms"] = _ms(started, time.monotonic_ns())
+            else:
+                # The line, or a FAIL line, which the check reports.
+                run.serial.wait_for_pattern(balloon.SVTEST_READY_LINE, 0, deadline, check)
+                record.details.update(balloon.check_svtest_ready(bytes(run.serial.data), plan))
+                record.details["ready_ms"] = _ms(run.t0, run.serial.marker_ns["ready"])
+            result = balloon.inflate(client, run.process.pid, plan, timeout_s,
+                                     _alive_check(run))
+            record.details["balloon"] = result.as_dict()
+            if not linux:
+                run.serial.wait_for_pattern(balloon.SVTEST_INTACT_LINE, 0,
+                                            time.monotonic_ns() + int(timeout_s * 1e9), check)
+                record.details.update(balloon.check_svtest_inflated(bytes(run.serial.data),
+                                                                    plan))
+            # Only a run whose guest did what it should counts.
+            record.values.update(result.values())
+            _quit(record, run, client)
+        except (ProbeError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as error:
+            _failed(record, run, error)
+        finally:
+            if client is not None:
+                client.close()
+
+
+def _alive_check(run: Launched) -> Callable[[], None]:
+    """Gives up early once the monitor has exited (no QMP traffic of its own)."""
+    def check() -> None:
+        if not run.alive():
+            raise ProbeError(f"the monitor exited (status {run.process.returncode})")
+    return check
+
+
 def _failed(record: RunRecord, run: Launched, error: Exception) -> None:
     """Keeps why a run failed, with the tails of its console and stderr."""
     record.error = f"{type(error).__name__}: {error}"
@@ -571,6 +647,8 @@ def run_kinds(guest: Guest, groups: frozenset[str]) -> list[str]:
         kinds.append("session")
     if guest.name == "linux" and "net" in groups:
         kinds.append("net")
+    if "balloon" in groups:
+        kinds.append("balloon")
     return (kinds + [case.metric for case in block_cases(guest, groups)]
             + [workload.metric for workload in frame_workloads(guest, groups)])
 
@@ -606,6 +684,8 @@ def expected_metrics(guest: Guest, groups: frozenset[str]) -> list[str]:
     names = [n for n in names if metrics.METRICS[n].group in groups]
     if guest.name == "linux" and "net" in groups:
         names += LINUX_NET_METRICS
+    if "balloon" in groups:
+        names += BALLOON_METRICS
     return (names + [case.metric for case in block_cases(guest, groups)]
             + [workload.metric for workload in frame_workloads(guest, groups)])
 
@@ -643,6 +723,11 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
                 elif kind == "net":
                     argv = (monitor.command(guest, guest.session_cmdline, qmp_path, settings)
                             + monitor.nic(net.TAP))
+                elif kind == "balloon":
+                    plan = settings.balloon_plan
+                    sized = dataclasses.replace(settings, mem_mib=plan.mem_mib)
+                    argv = (monitor.command(guest, guest.balloon_cmdline(plan), qmp_path,
+                                            sized) + monitor.balloon())
                 else:
                     cmdline = guest.boot_cmdline if kind == "boot" else guest.session_cmdline
                     assert cmdline is not None
@@ -657,6 +742,9 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
                     elif kind == "net":
                         run_net_linux(record, monitor, guest, qmp_path, workdir,
                                       settings.net_plan)
+                    elif kind == "balloon":
+                        run_balloon(record, monitor, guest, settings.balloon_plan, qmp_path,
+                                    workdir)
                     elif kind == "boot":
                         run_boot(record, monitor, guest, workdir)
                     else:

@@ -126,6 +126,36 @@ net  (virtio-net on a tap; code in `benchmarks.net`, host side `benchmarks.netpe
       start ...` to the arrival of the next byte, the done line's; frames / time.
       A run fails on a `net-bench FAIL` line, errors= other than 0, frames=
       other than N, or a monitor exit status other than 0.
+
+balloon  (virtio-balloon inflate; code in `benchmarks.balloon`)
+    One boot per monitor and pair, with its own RAM size (the plan's, default
+    -m 1024 for both, whatever --mem says) and a balloon: ours `-device
+    virtio-balloon-device,id=balloon0,free-page-reporting=off`, QEMU the same
+    with modern virtio-mmio.  Neither has free page reporting (it would give the
+    guest's freed memory back before the command) nor deflate-on-oom; neither
+    polls statistics.  First the guest fills memory, so that what it will give
+    up is resident in the monitor process:
+      svtest: `svtest.action=balloon svtest.touch_mb=600` writes every page of
+          600 MiB (its `balloon ready` line), then polls the balloon's target
+          every 10 ms and inflates with the touched pages;
+      linux: after `user space ready`, the console runs `dd if=/dev/zero
+          of=/dev/null bs=600M count=1` (the buffer is faulted in, then freed
+          when dd exits; the guest keeps the freed pages on its free lists).
+    Then, with `query-balloon` showing the boot size, over the QMP connection:
+      balloon.rss-before  (MiB, lower is better): VmRSS of the monitor process
+          (/proc/PID/status, whole process) just before the command;
+      balloon.inflate-ms  (ms, lower is better): `{"execute":"balloon",
+          "arguments":{"value":TARGET}}` (default 512 MiB) written -> the reply
+          to the first `query-balloon` whose `actual` is TARGET arrived.
+          query-balloon is sent every 10 ms on a fixed schedule from the
+          command (the first right after its reply), so the figure is late by
+          up to 10 ms plus one round trip; `actual` must only fall, and stay
+          within [TARGET, boot size];
+      balloon.rss-after   (MiB, lower is better): VmRSS right after that reply;
+      balloon.rss-drop    (MiB, HIGHER is better): rss-before - rss-after.
+    svtest runs also check the guest's lines: exactly (boot - TARGET) / 4 KiB
+    pages inflated, and every page it kept still holds its pattern (`balloon
+    intact ... bad=0`); otherwise the run fails.  Then `quit`.
 """
 
 from __future__ import annotations
@@ -174,7 +204,7 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("qmp.latency-p99", "qmp", "us", "lower", "query-status p99"),
     MetricInfo("qmp.throughput", "qmp", "cmd/s", "higher", "pipelined query-status"),
 )}
-GROUPS = ("start", "boot", "memory", "qmp", "block", "net")
+GROUPS = ("start", "boot", "memory", "qmp", "block", "net", "balloon")
 MiB = 1 << 20
 
 
@@ -265,6 +295,16 @@ METRICS.update({m.name: m for m in (
     *(MetricInfo(w.metric, "net", "frames/s", "higher", f"{w.size}-byte frames "
                  f"{'guest -> host' if w.direction == 'tx' else 'host -> guest'}")
       for w in FRAME_WORKLOADS),
+)})
+
+
+BALLOON_METRICS = ("balloon.inflate-ms", "balloon.rss-before", "balloon.rss-after",
+                   "balloon.rss-drop")
+METRICS.update({m.name: m for m in (
+    MetricInfo("balloon.inflate-ms", "balloon", "ms", "lower", "balloon -> query-balloon target"),
+    MetricInfo("balloon.rss-before", "balloon", "MiB", "lower", "RSS before the balloon"),
+    MetricInfo("balloon.rss-after", "balloon", "MiB", "lower", "RSS at the target"),
+    MetricInfo("balloon.rss-drop", "balloon", "MiB", "higher", "RSS given back"),
 )})
 
 

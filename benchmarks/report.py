@@ -127,10 +127,15 @@ def format_table(rows: list[dict[str, Any]], monitors: list[str], reps: int) -> 
         text.append("")
         text.append("ratio = median over pairs i of ours_i / qemu_i. For times (ms, us) and "
                     "memory (MiB), < 1 means ours is faster/smaller;")
-        higher = sorted({row["unit"] for row in rows if row["better"] == "higher"})
+        higher = sorted({row["unit"] for row in rows if row["better"] == "higher"
+                         and row["unit"] != "MiB"})
         if higher:
             text.append(f"for rates ({', '.join(higher)}, higher is better), > 1 means ours "
                         "does more per second.")
+        if any(row["better"] == "higher" and row["unit"] == "MiB" for row in rows):
+            # balloon.rss-drop: memory given back, where more is better.
+            text.append("for memory given back (MiB, higher is better), > 1 means ours "
+                        "gave back more.")
     return "\n".join(text)
 
 
