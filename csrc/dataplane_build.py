@@ -75,6 +75,7 @@ struct svpy_blk_stats {
     uint64_t written_bytes;
     uint64_t errors;
     uint64_t yields;
+    uint64_t aio_submits;
 };
 
 struct svpy_blk_request {
