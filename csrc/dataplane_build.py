@@ -195,12 +195,18 @@ int svpy_iothread_start(struct svpy_iothread *thread);
 void svpy_iothread_stop(struct svpy_iothread *thread);
 
 #define SVPY_FASTPATH_MAX_DEVICES ...
+struct svpy_uart_status {
+    uint16_t lsr_port;
+    uint8_t rx_ready;
+    ...;
+};
 struct svpy_mmio_fastpath {
     uint64_t base;
     uint64_t window_size;
     uint32_t count;
     struct svpy_virtio_shared *devices[16];
     uint64_t handled;
+    struct svpy_uart_status *uart;
     ...;
 };
 long svpy_vcpu_run(int vcpu_fd, void *run, struct svpy_mmio_fastpath *fastpath);
