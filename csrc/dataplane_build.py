@@ -75,6 +75,7 @@ struct svpy_blk_stats {
     uint64_t written_bytes;
     uint64_t errors;
     uint64_t yields;
+    uint64_t aio_submits;
 };
 
 struct svpy_blk_request {
@@ -146,6 +147,7 @@ struct svpy_balloon_counters {
 };
 
 #define SVPY_BALLOON_QUEUES ...
+#define SVPY_BALLOON_MAX_FRAMES_PER_CHAIN ...
 #define SVPY_BALLOON_NONE ...
 #define SVPY_BALLOON_INFLATE ...
 #define SVPY_BALLOON_DEFLATE ...
@@ -193,12 +195,18 @@ int svpy_iothread_start(struct svpy_iothread *thread);
 void svpy_iothread_stop(struct svpy_iothread *thread);
 
 #define SVPY_FASTPATH_MAX_DEVICES ...
+struct svpy_uart_status {
+    uint16_t lsr_port;
+    uint8_t rx_ready;
+    ...;
+};
 struct svpy_mmio_fastpath {
     uint64_t base;
     uint64_t window_size;
     uint32_t count;
     struct svpy_virtio_shared *devices[16];
     uint64_t handled;
+    struct svpy_uart_status *uart;
     ...;
 };
 long svpy_vcpu_run(int vcpu_fd, void *run, struct svpy_mmio_fastpath *fastpath);

@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 
+from stratovirt_py._dataplane import ffi as dataplane_ffi
 from stratovirt_py.arch.x86_64 import boot_params, layout
 from stratovirt_py.arch.x86_64.boot_params import build_zero_page
 from stratovirt_py.arch.x86_64.cpu_topology import apic_id, apic_ids
@@ -41,7 +42,7 @@ from stratovirt_py.config import MAX_DISKS, MAX_NICS
 from stratovirt_py.devices.bus import Bus
 from stratovirt_py.devices.chardev import create_chardev
 from stratovirt_py.devices.i8042 import I8042
-from stratovirt_py.devices.serial import Serial
+from stratovirt_py.devices.serial import LSR, Serial
 from stratovirt_py.devices.virtio.balloon import QUEUES as BALLOON_QUEUES
 from stratovirt_py.devices.virtio.balloon import VirtioBalloon
 from stratovirt_py.devices.virtio.block import VirtioBlock
@@ -112,8 +113,14 @@ class VmBuilder:
 
         pio_bus = Bus("port I/O")
         chardev = create_chardev(config.serial)
+        # Line status reads (one per byte a console writes) are answered in C.
+        uart_status = dataplane_ffi.new("struct svpy_uart_status *")
+        uart_status.lsr_port = layout.SERIAL_PORT_BASE + LSR
         serial = Serial(chardev.write,
-                        lambda level: vm.set_irq_line(layout.SERIAL_IRQ, int(level)))
+                        lambda level: vm.set_irq_line(layout.SERIAL_IRQ, int(level)),
+                        lambda ready: setattr(uart_status, "rx_ready", int(ready)))
+        fastpath = virtio.fastpath()
+        fastpath.uart = uart_status
         pio_bus.insert(layout.SERIAL_PORT_BASE, 8, serial)
         pio_bus.insert(0x60, 5, I8042(functools.partial(
             self.machine.request_exit,
@@ -123,7 +130,7 @@ class VmBuilder:
         self.machine.install(Hardware(
             kvm=kvm, vm=vm, memory=memory, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
             chardev=chardev, serial=serial, virtio=virtio, iothread=iothread, hotplug=hotplug,
-            cmdline=cmdline, balloon=balloon))
+            cmdline=cmdline, fastpath=fastpath, uart_status=uart_status, balloon=balloon))
         log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
                  config.topology.cpus, config.memory_size >> 20, config.kernel, cmdline)
 

@@ -64,6 +64,8 @@ class Hardware:
     iothread: IoThread
     hotplug: Hotplug
     cmdline: str
+    fastpath: Any  # struct svpy_mmio_fastpath: exits the vCPU loop answers in C
+    uart_status: Any  # struct svpy_uart_status it points to (kept alive here)
     balloon: Balloon | None = None
 
 
@@ -86,7 +88,7 @@ class MicroVM:
     def install(self, hardware: Hardware) -> None:
         """Takes the built VM (builder.py): one thread per vCPU, parked until start()."""
         self.hardware = hardware
-        fastpath = hardware.virtio.fastpath()
+        fastpath = hardware.fastpath
         for vcpu in hardware.vcpus:
             self.vcpu_threads.append(VcpuThread(vcpu, hardware.memory, hardware.pio_bus,
                                                 hardware.mmio_bus, self._on_guest_exit,

@@ -7,6 +7,9 @@
 
 #define REG_INTERRUPT_STATUS 0x60
 #define REG_INTERRUPT_ACK 0x64
+#define LSR_DATA_READY 0x01
+#define LSR_THR_EMPTY 0x20
+#define LSR_IDLE 0x40
 
 static int answer_mmio(struct kvm_run *run, struct svpy_mmio_fastpath *fastpath)
 {
@@ -34,14 +37,38 @@ static int answer_mmio(struct kvm_run *run, struct svpy_mmio_fastpath *fastpath)
     return 0;
 }
 
+/* The transmitter is always ready (output never waits for the host). */
+static int answer_pio(struct kvm_run *run, struct svpy_mmio_fastpath *fastpath)
+{
+    const struct svpy_uart_status *uart = fastpath->uart;
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
+
+    if (!uart || run->io.port != uart->lsr_port || run->io.direction != KVM_EXIT_IO_IN ||
+        run->io.size != 1 || run->io.count != 1)
+        return 0;
+    *data = LSR_THR_EMPTY | LSR_IDLE |
+            (__atomic_load_n(&uart->rx_ready, __ATOMIC_ACQUIRE) ? LSR_DATA_READY : 0);
+    return 1;
+}
+
 long svpy_vcpu_run(int vcpu_fd, void *run_page, struct svpy_mmio_fastpath *fastpath)
 {
     struct kvm_run *run = run_page;
 
     for (;;) {
+        int answered;
+
         if (ioctl(vcpu_fd, KVM_RUN, 0) < 0)
             return -errno;
-        if (run->exit_reason != KVM_EXIT_MMIO || !fastpath || !answer_mmio(run, fastpath))
+        if (!fastpath)
+            return 0;
+        if (run->exit_reason == KVM_EXIT_MMIO)
+            answered = answer_mmio(run, fastpath);
+        else if (run->exit_reason == KVM_EXIT_IO)
+            answered = answer_pio(run, fastpath);
+        else
+            answered = 0;
+        if (!answered)
             return 0;
         /* A kick (immediate_exit) makes the next KVM_RUN return -EINTR at once. */
         fastpath->handled++;

@@ -48,15 +48,17 @@ static void add_frame(struct svpy_balloon *balloon, struct run *run, uint32_t fr
 }
 
 /* A list of little-endian 32-bit frame numbers over the chain's readable
- * buffers; a number may straddle two buffers. */
-static void walk_frames(struct svpy_balloon *balloon, int inflate)
+ * buffers; a number may straddle two buffers.  Returns the frames read. */
+static unsigned walk_frames(struct svpy_balloon *balloon, int inflate)
 {
     const struct svpy_chain *chain = &balloon->chain;
+    uint64_t listed = chain->readable_bytes / 4;
+    unsigned frames = 0, have = 0;
     struct run run = { NULL, 0 };
     uint8_t bytes[4];
-    unsigned have = 0;
-    uint64_t frames = 0;
 
+    if (listed > SVPY_BALLOON_MAX_FRAMES_PER_CHAIN)
+        balloon->counters.bad_frames += listed - SVPY_BALLOON_MAX_FRAMES_PER_CHAIN;
     for (unsigned i = 0; i < chain->readable; i++) {
         const uint8_t *data = chain->iov[i].iov_base;
 
@@ -65,16 +67,16 @@ static void walk_frames(struct svpy_balloon *balloon, int inflate)
             if (have < 4)
                 continue;
             have = 0;
-            if (++frames > SVPY_BALLOON_MAX_FRAMES_PER_CHAIN) {
-                balloon->counters.bad_frames++;
-                continue;
-            }
             add_frame(balloon, &run, (uint32_t)bytes[0] | (uint32_t)bytes[1] << 8 |
                                      (uint32_t)bytes[2] << 16 | (uint32_t)bytes[3] << 24,
                       inflate);
+            if (++frames == SVPY_BALLOON_MAX_FRAMES_PER_CHAIN)
+                goto done;
         }
     }
+done:
     release(balloon, run.start, run.len);
+    return frames;
 }
 
 /* Free page reporting: the chain's writable buffers are the free ranges
@@ -123,7 +125,7 @@ static void serve(struct svpy_balloon *balloon, unsigned queue)
 {
     struct svpy_virtqueue *vq = &balloon->vqs[queue];
     uint8_t role = balloon->roles[queue];
-    unsigned chains = 0;
+    unsigned chains = 0, frames = 0;
     int completed = 0;
 
     if (!vq->active || role == SVPY_BALLOON_NONE ||
@@ -134,7 +136,8 @@ static void serve(struct svpy_balloon *balloon, unsigned queue)
         for (;;) {
             int ret;
 
-            if (chains == SVPY_BALLOON_PASS_MAX_CHAINS) {
+            if (chains == SVPY_BALLOON_PASS_MAX_CHAINS ||
+                frames >= SVPY_BALLOON_PASS_MAX_FRAMES) {
                 svpy_device_requeue(&balloon->dev, queue);
                 goto out;
             }
@@ -156,7 +159,7 @@ static void serve(struct svpy_balloon *balloon, unsigned queue)
             if (role == SVPY_BALLOON_REPORTING)
                 release_reported(balloon);
             else
-                walk_frames(balloon, role == SVPY_BALLOON_INFLATE);
+                frames += walk_frames(balloon, role == SVPY_BALLOON_INFLATE);
             svpy_vq_push(vq, balloon->chain.head, 0);
             completed = 1;
         }

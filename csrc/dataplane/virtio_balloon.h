@@ -38,8 +38,10 @@ enum svpy_balloon_role {
 #define SVPY_BALLOON_STATS_BYTES 320
 #define SVPY_BALLOON_PASS_MAX_CHAINS 64
 /* Linux lists 256 frames per chain; a longer list is cut here (the rest is
- * counted as bad) so that one chain cannot hold the device for long. */
-#define SVPY_BALLOON_MAX_FRAMES_PER_CHAIN 65536
+ * counted as bad, not read) so that one chain cannot hold the device for
+ * long, and a pass stops after this many frames and re-queues the rest. */
+#define SVPY_BALLOON_MAX_FRAMES_PER_CHAIN 4096
+#define SVPY_BALLOON_PASS_MAX_FRAMES 16384
 
 struct svpy_balloon_counters {
     uint64_t inflated_pages;  /* frames the guest gave back, within guest RAM */

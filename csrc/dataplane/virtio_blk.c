@@ -147,6 +147,7 @@ static int transfer(struct svpy_blk *blk, bool write, struct iovec *iov, int iov
 
 static int submit_aio(struct svpy_blk *blk, bool write, int iovcnt, uint64_t offset,
                       uint64_t len);
+static unsigned submit_batch(struct svpy_blk *blk, int push);
 
 /* Returns a VIRTIO_BLK_S_* status, or STATUS_IN_FLIGHT; *data_len gets the
  * bytes a read put in the guest's buffers. */
@@ -400,6 +401,8 @@ void svpy_blk_process(struct svpy_blk *blk)
         }
     } while (svpy_vq_enable_notify(vq));
 out:
+    if (blk->unsubmitted && submit_batch(blk, 1))
+        completed = true;
     if (completed && svpy_vq_should_interrupt(vq))
         svpy_raise_interrupt(&blk->dev.shared, SVPY_INT_VRING);
 }
@@ -456,14 +459,40 @@ static int submit_aio(struct svpy_blk *blk, bool write, int iovcnt, uint64_t off
     iocb->aio_offset = (int64_t)offset;
     iocb->aio_flags = IOCB_FLAG_RESFD;
     iocb->aio_resfd = (uint32_t)blk->aio_watch.fd;
-    if (io_submit_(blk->aio, 1, &iocb) != 1) {
-        free(request->iov);
-        request->iov = NULL;
-        return -1;
-    }
     request->in_use = 1;
     blk->inflight++;
+    blk->batch[blk->unsubmitted++] = iocb;
     return 0;
+}
+
+static void complete_request(struct svpy_blk *blk, struct svpy_blk_request *request, long res,
+                             int push);
+
+/* Hands the pass's requests to the kernel in one io_submit.  One it refuses
+ * (O_DIRECT and misaligned guest buffers: EINVAL) is served synchronously
+ * through the page cache, and the rest submitted after it.  Returns how
+ * many were answered here. */
+static unsigned submit_batch(struct svpy_blk *blk, int push)
+{
+    uint32_t done = 0;
+    unsigned answered = 0;
+
+    while (done < blk->unsubmitted) {
+        long count = io_submit_(blk->aio, blk->unsubmitted - done, &blk->batch[done]);
+
+        blk->stats.aio_submits++;
+        if (count > 0) {
+            done += (uint32_t)count;
+            continue;
+        }
+        if (count < 0 && errno == EINTR)
+            continue;
+        complete_request(blk, (void *)(uintptr_t)blk->batch[done]->aio_data, -EINVAL, push);
+        answered++;
+        done++;
+    }
+    blk->unsubmitted = 0;
+    return answered;
 }
 
 /* Answers one finished AIO request in the used ring. */
@@ -547,6 +576,10 @@ void svpy_blk_drain(struct svpy_blk *blk, int complete)
 {
     unsigned completed = 0;
 
+    /* What is waited for must have been submitted. */
+    if (blk->unsubmitted)
+        completed += submit_batch(blk, complete && blk->vq.active);
+
     /* Ends: each reap completes at least one request or turns AIO off. */
     while (blk->aio && blk->inflight)
         completed += reap(blk, (long)blk->inflight, complete && blk->vq.active);
@@ -582,6 +615,7 @@ int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int
     blk->buffered_fd = -1;
     blk->capacity = 0;
     blk->inflight = 0;
+    blk->unsubmitted = 0;
     blk->aio = 0;
     blk->aio_watch.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     blk->aio_watch.handler = on_aio_complete;

@@ -58,6 +58,7 @@ struct svpy_blk_stats {
     uint64_t written_bytes;
     uint64_t errors;
     uint64_t yields; /* passes that stopped at the work budget and re-queued the rest */
+    uint64_t aio_submits; /* io_submit calls: one per pass, however many requests */
 };
 
 /* Requests in flight at once with O_DIRECT (Linux AIO). */
@@ -97,6 +98,10 @@ struct svpy_blk {
     struct svpy_watch aio_watch;
     uint32_t inflight;
     struct svpy_blk_request requests[SVPY_BLK_AIO_DEPTH];
+    /* Requests of the current pass, handed to the kernel together (one
+     * io_submit) when the pass ends or before anything waits for them. */
+    uint32_t unsubmitted;
+    struct iocb *batch[SVPY_BLK_AIO_DEPTH];
 };
 
 int svpy_blk_init(struct svpy_blk *blk, const struct svpy_guest_memory *mem, int irqfd,

@@ -1,6 +1,7 @@
 #include "virtio_net.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/uio.h>
@@ -48,7 +49,9 @@ static void update_tap_watch(struct svpy_net *net)
 
     if (!tap_is_watched(net))
         return;
-    if (net->rxq.active && !net->rx_waiting)
+    /* A broken device reads nothing: watching the tap would only spin. */
+    if (net->rxq.active && !net->rx_waiting &&
+        !__atomic_load_n(&net->dev.shared.broken, __ATOMIC_SEQ_CST))
         events |= EPOLLIN;
     if (net->tx_waiting)
         events |= EPOLLOUT;
@@ -157,9 +160,19 @@ static void receive(struct svpy_net *net)
         if (result == BROKEN)
             break;
         if (result == NO_BUFFERS) {
-            /* Ask for a notification when buffers come, then look once more:
-             * they may have come just now. */
-            if (svpy_vq_enable_notify(vq))
+            /* The buffers there (given back unused) are too few for this
+             * frame.  If they fill the whole ring, more will never come:
+             * drop the frame.  Otherwise ask to hear of the next buffer,
+             * then look once more: it may have come just now. */
+            uint16_t seen = svpy_vq_avail_idx(vq);
+
+            if ((uint16_t)(seen - vq->last_avail_idx) >= vq->size) {
+                net->stats.rx_dropped++;
+                net->pending_len = 0;
+                frames++;
+                continue;
+            }
+            if (svpy_vq_enable_notify_after(vq, seen))
                 continue;
             net->rx_waiting = 1;
             net->stats.rx_stalls++;
@@ -248,6 +261,14 @@ static void on_queue_notified(struct svpy_device *dev, unsigned queue)
     update_tap_watch(net);
 }
 
+/* Asked again now: the event may have been fetched for a tap since replaced. */
+static int tap_failed(int fd)
+{
+    struct pollfd pfd = { .fd = fd, .events = POLLIN | POLLOUT };
+
+    return poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLERR | POLLHUP | POLLNVAL));
+}
+
 static void on_tap_event(void *context)
 {
     struct svpy_net *net = context;
@@ -262,7 +283,7 @@ static void on_tap_event(void *context)
         }
         if (revents & (EPOLLIN | EPOLLERR | EPOLLHUP))
             receive(net);
-        if (revents & (EPOLLERR | EPOLLHUP) && !(revents & EPOLLIN)) {
+        if (revents & (EPOLLERR | EPOLLHUP) && !(revents & EPOLLIN) && tap_failed(net->tap_fd)) {
             /* The tap's interface is gone: nothing will come; stop watching
              * rather than spin on an event that cannot be cleared. */
             svpy_iothread_unwatch(net->thread, &net->tap_watch);
@@ -325,8 +346,12 @@ int svpy_net_set_tap(struct svpy_net *net, int fd)
     net->tap_events = 0;
     net->pending_len = 0;
     net->rx_waiting = net->tx_waiting = 0;
-    if (fd < 0)
+    if (fd < 0) {
+        /* Frames the guest queued for the old tap are answered (dropped, the
+         * link is down), or it would wait for them with notifications off. */
+        transmit(net);
         return 0;
+    }
     if (net->thread) {
         int ret;
 

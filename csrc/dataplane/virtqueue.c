@@ -236,18 +236,28 @@ void svpy_vq_disable_notify(struct svpy_virtqueue *vq)
     WRITE_ONCE(vq->used->flags, READ_ONCE(vq->used->flags) | VIRTQ_USED_F_NO_NOTIFY);
 }
 
-bool svpy_vq_enable_notify(struct svpy_virtqueue *vq)
+bool svpy_vq_enable_notify_after(struct svpy_virtqueue *vq, uint16_t seen)
 {
     if (!vq->active)
         return false;
     if (vq->event_idx)
-        WRITE_ONCE(*avail_event(vq), vq->last_avail_idx);
+        WRITE_ONCE(*avail_event(vq), seen);
     else
         WRITE_ONCE(vq->used->flags, READ_ONCE(vq->used->flags) & ~VIRTQ_USED_F_NO_NOTIFY);
     /* Full barrier: publish the above before looking for buffers the driver
      * added without notifying (it saw notifications still disabled). */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE) != vq->last_avail_idx;
+    return __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE) != seen;
+}
+
+bool svpy_vq_enable_notify(struct svpy_virtqueue *vq)
+{
+    return svpy_vq_enable_notify_after(vq, vq->last_avail_idx);
+}
+
+uint16_t svpy_vq_avail_idx(struct svpy_virtqueue *vq)
+{
+    return __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
 }
 
 bool svpy_vq_should_interrupt(struct svpy_virtqueue *vq)

@@ -107,6 +107,12 @@ void svpy_vq_flush(struct svpy_virtqueue *vq, uint16_t count);
 void svpy_vq_disable_notify(struct svpy_virtqueue *vq);
 /* Re-enables notifications; true if more buffers arrived meanwhile. */
 bool svpy_vq_enable_notify(struct svpy_virtqueue *vq);
+/* The driver's available index now (acquire). */
+uint16_t svpy_vq_avail_idx(struct svpy_virtqueue *vq);
+/* Asks for a notification when the driver makes available anything past
+ * `seen` (a device that popped buffers, found them too few and gave them
+ * back); true if it already has. */
+bool svpy_vq_enable_notify_after(struct svpy_virtqueue *vq, uint16_t seen);
 bool svpy_vq_should_interrupt(struct svpy_virtqueue *vq);
 
 const char *svpy_vq_error_name(int error);

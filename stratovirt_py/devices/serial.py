@@ -50,12 +50,19 @@ RX_BUFFER_LIMIT = 4096
 
 
 class Serial:
-    """The UART's registers; output goes to `write_output`, IRQ changes to `set_irq`."""
+    """The UART's registers; output goes to `write_output`, IRQ changes to `set_irq`.
+
+    `rx_ready_changed` hears when received bytes start or stop waiting: the vCPU
+    loop answers line status reads in C from that (csrc/dataplane/vcpu_fastpath.h).
+    """
 
     def __init__(self, write_output: Callable[[bytes], None],
-                 set_irq: Callable[[bool], None]) -> None:
+                 set_irq: Callable[[bool], None],
+                 rx_ready_changed: Callable[[bool], None] | None = None) -> None:
         self._write_output = write_output
         self._set_irq = set_irq
+        self._rx_ready_changed = rx_ready_changed
+        self._rx_ready = False
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._rx: deque[int] = deque()
@@ -155,6 +162,13 @@ class Serial:
         return None
 
     def _update_irq(self) -> None:
+        # Every register access and every input ends here, so the line status
+        # the fast path shows follows the receive buffer.
+        ready = bool(self._rx)
+        if ready != self._rx_ready:
+            self._rx_ready = ready
+            if self._rx_ready_changed is not None:
+                self._rx_ready_changed(ready)
         level = bool((self._ier & IER_RDI and self._rx)
                      or (self._ier & IER_THRI and self._thr_interrupt_pending))
         if level != self._irq_level:

@@ -52,22 +52,24 @@ def lines(result, prefix: str) -> list[str]:
             if line.startswith("svtest: " + prefix)]
 
 
-def test_six_slots_in_order(svtest_guest, tmp_path):
+def test_six_disk_slots_then_two_nic_slots_in_order(svtest_guest, tmp_path):
     disk = make_image(tmp_path / "root.img", 2 * MiB)
     result = boot(svtest_guest, "virtio-info",
                   *disk_args(("rootfs", disk, ",direct=off,serial=ROOT-SERIAL")))
     assert result.returncode == 0
     devices = lines(result, "virtio ")
-    assert len(devices) == 6
+    assert len(devices) == 8
     for index, line in enumerate(devices):
         fields = dict(item.split("=", 1) for item in line.split()[2:])
         assert fields["base"] == hex(0xF0100000 + index * 0x200)
         assert fields["irq"] == str(5 + index)
+        # virtio-blk (2) for vda..vdf, then virtio-net (1) for eth0 and eth1.
         assert (fields["magic"], fields["version"], fields["device-id"]) == (
-            "0x74726976", "2", "2")
+            "0x74726976", "2", "2" if index < 6 else "1")
         features = int(fields["features"], 16)
         assert features & (1 << 32) and features & (1 << 28) and features & (1 << 29)
-        assert fields["capacity"] == (str(2 * MiB // SECTOR) if index == 0 else "0")
+        if index < 6:
+            assert fields["capacity"] == (str(2 * MiB // SECTOR) if index == 0 else "0")
     assert "serial=ROOT-SERIAL" in devices[0]
 
 

@@ -74,3 +74,20 @@ def test_receive_interrupt_and_fifo_bits():
     assert h.irq_levels == [True, False]
     assert not h.read(uart.LSR) & uart.LSR_DATA_READY
     assert h.read(uart.DATA) == 0  # empty FIFO reads as zero
+
+
+def test_the_fast_path_hears_when_received_bytes_wait_and_when_they_are_gone():
+    """The vCPU loop answers line status reads in C from this: data ready must follow the
+    receive buffer, from input and from loopback alike."""
+    changes: list[bool] = []
+    port = Serial(bytearray().extend, lambda level: None, changes.append)
+    port.feed_input(b"ab")
+    assert changes == [True]
+    port.read(uart.DATA, 1)
+    assert changes == [True]  # one byte still waits
+    port.read(uart.DATA, 1)
+    assert changes == [True, False]
+    port.write(uart.MCR, 1, uart.MCR_LOOP)
+    port.write(uart.DATA, 1, 0x55)  # looped back into the receive buffer
+    assert changes == [True, False, True]
+    assert port.read(uart.LSR, 1) & uart.LSR_DATA_READY

@@ -347,3 +347,17 @@ def test_qmp_balloon_commands():
         balloon.close()
 
     asyncio.run(scenario())
+
+
+def test_a_list_longer_than_the_cap_is_cut_not_walked(rig):
+    """Frames past the cap were still read one byte at a time: a list of whole-RAM buffers
+    held the device (and the I/O thread) for hours."""
+    fill(rig, DATA_PAGE, 4)
+    listed = lib.SVPY_BALLOON_MAX_FRAMES_PER_CHAIN + 1000
+    # The same page over and over: every frame is valid, only the cap limits the work.
+    rig.guest.write(rig.scratch, struct.pack("<I", frame_of(DATA_PAGE)) * listed)
+    rig.post(0, [(rig.scratch, 4 * listed, 0)])
+    rig.wait_used(0, 1)
+    counters = rig.device.counters()
+    assert counters["inflated_pages"] == lib.SVPY_BALLOON_MAX_FRAMES_PER_CHAIN
+    assert counters["bad_frames"] == 1000

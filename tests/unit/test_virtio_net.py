@@ -23,12 +23,13 @@ from stratovirt_py.devices.virtio.mmio import (
 )
 from stratovirt_py.devices.virtio.net import (
     VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN,
     VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_MRG_RXBUF,
     VirtioNet,
     tap_offloads,
 )
-from stratovirt_py.tap import TUN_F_CSUM, TUN_F_TSO4
+from stratovirt_py.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN
 from tests.virtq_model import F_NEXT, F_WRITE, Queue, SyntheticGuest
 
 HDR = 12
@@ -310,3 +311,74 @@ def test_the_tap_is_told_the_offloads_the_guest_accepts():
         assert rig.device.config_read is False
     finally:
         rig.close()
+
+
+def wait_for(check, what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def test_too_few_merged_buffers_wait_for_more_without_spinning(rig):
+    """The buffers given back unused once made the device retry at once, forever, with its
+    lock held."""
+    (head, addr), = rig.post_rx(1, size=100)
+    rig.peer.send(header() + bytes(range(188)))
+    wait_for(lambda: rig.device.stats()["rx_stalls"] == 1, "no stall")
+    before = iothread_cpu_seconds(rig)
+    time.sleep(0.5)
+    assert iothread_cpu_seconds(rig) - before < 0.2
+    assert rig.rxq.used_idx() == 0
+    # With EVENT_IDX off the driver always notifies; the next buffer completes the frame.
+    (head2, addr2), = rig.post_rx(1, size=200)
+    rig.wait_used(rig.rxq, 2)
+    assert rig.rxq.used_elem(0) == (head, 100) and rig.rxq.used_elem(1) == (head2, 100)
+    received = rig.guest.read(addr, 100) + rig.guest.read(addr2, 100)
+    assert received[HDR:] == bytes(range(188))
+
+
+def test_a_frame_no_ring_of_buffers_can_hold_is_dropped():
+    rig = NetRig(queue_size=4)
+    try:
+        rig.post_rx(4, size=64)  # at most 256 bytes, whatever the guest does
+        rig.peer.send(header() + bytes(1000))
+        rig.peer.send(header() + b"next")
+        rig.wait_used(rig.rxq, 1)
+        assert rig.device.stats()["rx_dropped"] == 1
+        assert rig.rxq.used_elem(0)[1] == HDR + 4
+    finally:
+        rig.close()
+
+
+def test_a_broken_device_does_not_spin_on_a_readable_tap(rig):
+    rig.rx.post([(rig.rx.buffer(), 64, 0)])  # device-readable only: breaks the device
+    os.eventfd_write(rig.rx_kick, 1)
+    rig.peer.send(header() + b"x")
+    wait_for(lambda: rig.device.shared.broken, "the device never broke")
+    for _ in range(20):
+        rig.peer.send(header() + b"more")  # the tap stays readable
+    time.sleep(0.2)
+    before = iothread_cpu_seconds(rig)
+    time.sleep(0.5)
+    assert iothread_cpu_seconds(rig) - before < 0.2
+
+
+def test_detaching_the_tap_answers_the_frames_that_waited_for_it():
+    rig = NetRig(sndbuf=4096, queue_size=64)
+    try:
+        for i in range(24):
+            rig.send(header() + bytes([i]) * 1400)
+        wait_for(lambda: rig.device.stats()["tx_stalls"] >= 1, "the tap never filled")
+        assert rig.txq.used_idx() < 24
+        rig.device.set_backend(None)
+        rig.wait_used(rig.txq, 24)
+        assert rig.device.stats()["tx_dropped"] >= 1
+    finally:
+        rig.close()
+
+
+def test_ecn_is_asked_of_the_tap_only_with_segmentation():
+    ecn = VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_ECN
+    assert tap_offloads(ecn) == TUN_F_CSUM
+    assert tap_offloads(ecn | VIRTIO_NET_F_GUEST_TSO4) == TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN

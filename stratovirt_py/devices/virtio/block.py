@@ -226,4 +226,4 @@ class VirtioBlock:
         stats = self.c.stats
         return {"requests": stats.requests, "read_bytes": stats.read_bytes,
                 "written_bytes": stats.written_bytes, "errors": stats.errors,
-                "yields": stats.yields}
+                "yields": stats.yields, "aio_submits": stats.aio_submits}

@@ -8,6 +8,7 @@ a tap is a NIC with its link down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 
@@ -66,7 +67,10 @@ def tap_offloads(features: int) -> int:
     """The TUNSETOFFLOAD flags for what a driver with `features` accepts."""
     if not features & VIRTIO_NET_F_GUEST_CSUM:
         return 0  # segmentation offloads need the checksum one
-    return sum(flag for feature, flag in TAP_OFFLOADS if features & feature)
+    flags = sum(flag for feature, flag in TAP_OFFLOADS if features & feature)
+    if not flags & (TUN_F_TSO4 | TUN_F_TSO6):
+        flags &= ~TUN_F_TSO_ECN  # the kernel refuses ECN without TSO
+    return flags
 
 
 def format_mac(mac: bytes) -> str:
@@ -172,8 +176,10 @@ class VirtioNet:
         try:
             self.backend.set_offload(tap_offloads(self.driver_features))
         except TapError as exc:
-            # The tap then hands over only plain frames, which every guest takes.
-            log.warning("%s: %s", self.name, exc)
+            # Plain frames only, then: every guest takes those.
+            log.warning("%s: %s; no offloads", self.name, exc)
+            with contextlib.suppress(TapError):
+                self.backend.set_offload(0)
 
     def stats(self) -> dict[str, int]:
         stats = self.c.stats
