@@ -130,7 +130,8 @@ def print_progress(record: harness.RunRecord, reps: int) -> None:
     if record.error:
         text = f"FAILED: {record.error}"
     else:
-        text = ", ".join(f"{name.partition('.')[2]} {value:.4g} {METRICS[name].unit}"
+        # As the table prints them: 11701 ms, not 1.17e+04 ms.
+        text = ", ".join(f"{name.partition('.')[2]} {report.number(value)} {METRICS[name].unit}"
                          for name, value in record.values.items())
     print(f"bench: {label} {record.kind} {record.monitor}: {text}", file=sys.stderr, flush=True)
 

@@ -83,7 +83,7 @@ def metric_rows(records: list[RunRecord], names: list[str], monitors: list[str],
     return rows
 
 
-def _number(value: float) -> str:
+def number(value: float) -> str:
     """Four significant digits, without an exponent for the usual magnitudes."""
     if value == 0:
         return "0"
@@ -102,7 +102,7 @@ def _cell(summary: dict[str, float] | None, reps: int) -> str:
         return f"- (0/{reps})"
     s = Summary(**summary)
     count = "" if s.n == reps else f" ({s.n}/{reps})"
-    return f"{_number(s.median)} [{_number(s.min)}-{_number(s.max)}]{count}"
+    return f"{number(s.median)} [{number(s.min)}-{number(s.max)}]{count}"
 
 
 def format_table(rows: list[dict[str, Any]], monitors: list[str], reps: int) -> str:

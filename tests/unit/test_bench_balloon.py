@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import balloon, harness
-from benchmarks.__main__ import parse_args
+from benchmarks.__main__ import parse_args, print_progress
 from benchmarks.balloon import BalloonPlan, MiB
 from benchmarks.metrics import BALLOON_METRICS, GROUPS, METRICS, ProbeError, QmpClient
 from benchmarks.report import format_table, metric_rows
@@ -341,3 +341,11 @@ def test_table_explains_a_higher_is_better_memory_ratio():
     assert "for memory given back (MiB, higher is better), > 1 means ours gave back more" in (
         table)
     assert "for rates" not in table
+
+
+def test_progress_lines_print_figures_as_the_table_does(capsys):
+    record = harness.RunRecord(pair=1, kind="balloon", monitor="qemu", argv=[],
+                               values={"balloon.inflate-ms": 11701.3, "balloon.rss-drop": 62.05})
+    print_progress(record, 3)
+    assert capsys.readouterr().err == (
+        "bench: pair 2/3 balloon qemu: inflate-ms 11701 ms, rss-drop 62.05 MiB\n")
