@@ -69,6 +69,10 @@ DELIVERY_MODE_EXTINT = 0x7
 DELIVERY_MODE_NMI = 0x4
 
 
+def _nth(threads: list[IoThread], index: int) -> IoThread | None:
+    return threads[index] if index < len(threads) else None
+
+
 def build_vm(machine: MicroVM, is_pvm: bool | None = None) -> None:
     """Builds the VM of `machine.config` and installs it in `machine`."""
     VmBuilder(machine, host_is_pvm() if is_pvm is None else is_pvm).build()
@@ -93,9 +97,10 @@ class VmBuilder:
             vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
 
         mmio_bus = Bus("MMIO", unclaimed_log_level=logging.WARNING)
-        iothread = IoThread()
-        virtio = VirtioMmioManager(vm, mmio_bus, c_guest_memory(memory), iothread)
-        hotplug = Hotplug(self._add_slots(virtio), BackendRegistry())
+        # The shared I/O thread first, then one per -object iothread.
+        iothreads = {name: IoThread() for name in (None, *config.iothreads)}
+        virtio = VirtioMmioManager(vm, mmio_bus, c_guest_memory(memory), iothreads[None])
+        hotplug = Hotplug(self._add_slots(virtio, iothreads), BackendRegistry())
         self._plug_boot_devices(hotplug)
         balloon = self._add_balloon(virtio, memory.total)
 
@@ -129,7 +134,8 @@ class VmBuilder:
         vcpus = self._create_vcpus(kvm, vm, kernel)
         self.machine.install(Hardware(
             kvm=kvm, vm=vm, memory=memory, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
-            chardev=chardev, serial=serial, virtio=virtio, iothread=iothread, hotplug=hotplug,
+            chardev=chardev, serial=serial, virtio=virtio, iothreads=list(iothreads.values()),
+            hotplug=hotplug,
             cmdline=cmdline, fastpath=fastpath, uart_status=uart_status, balloon=balloon))
         log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
                  config.topology.cpus, config.memory_size >> 20, config.kernel, cmdline)
@@ -145,14 +151,17 @@ class VmBuilder:
                 raise MonitorError(f"KVM on this host lacks {cap}")
         return kvm
 
-    @staticmethod
-    def _add_slots(virtio: VirtioMmioManager) -> SlotTable:
+    def _add_slots(self, virtio: VirtioMmioManager,
+                   iothreads: dict[str | None, IoThread]) -> SlotTable:
         """The hot-pluggable slots, first in the virtio-mmio order: six disks, vda..vdf,
-        then two NICs, eth0 and eth1."""
+        then two NICs, eth0 and eth1.  The command line's devices fill the first slots of
+        their kind, in order: a slot whose device names an iothread is served by it."""
+        disk_threads = [iothreads[disk.iothread] for disk in self.config.disks]
+        nic_threads = [iothreads[nic.iothread] for nic in self.config.nics]
         slots = SlotTable()
         for index in range(MAX_DISKS):
             transport = virtio.add(functools.partial(VirtioBlock, DISK.guest_name(index)),
-                                   queues=1)
+                                   queues=1, iothread=_nth(disk_threads, index))
             slots.add(Slot(DISK, index, transport.device, transport.notify_config_change))
         # Locally administered (0x52), as QEMU's 52:54:00 prefix; random per VM so that
         # VMs on one bridge differ, and the slot index last so NICs of one VM differ.
@@ -160,7 +169,8 @@ class VmBuilder:
         for index in range(MAX_NICS):
             mac = b"\x52\x54\x00" + vm_octets + bytes([index])
             transport = virtio.add(functools.partial(VirtioNet, NIC.guest_name(index),
-                                                     mac=mac), queues=2)
+                                                     mac=mac), queues=2,
+                                   iothread=_nth(nic_threads, index))
             slots.add(Slot(NIC, index, transport.device, transport.notify_config_change))
         return slots
 

@@ -39,9 +39,11 @@ usage: stratovirt-py [options]
   -serial stdio|file,path=P|socket,path=P,server,nowait|none
   -qmp unix:PATH,server,nowait   QMP socket (may be repeated); also -api-channel unix:PATH
   -drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S]
-  -device virtio-blk-device,drive=ID,id=DEV | virtio-net-device,netdev=ID,id=DEV[,mac=M]
+  -device virtio-blk-device,drive=ID,id=DEV[,iothread=IO] | virtio-net-device,netdev=ID,id=DEV
+          [,mac=M][,iothread=IO]
           | virtio-balloon-device[,id=ID][,deflate-on-oom=on|off][,free-page-reporting=on|off]
   -netdev tap,id=ID,ifname=TAP|fd=N
+  -object iothread,id=ID    an I/O thread for the devices that give iothread=ID
   -config FILE.json         legacy JSON configuration (command-line values win)
   -D [LOGFILE]              log to LOGFILE (or stderr)
   -daemonize, -pidfile P    run in the background; write the pid to P
@@ -52,7 +54,7 @@ usage: stratovirt-py [options]
 
 # Options libvirt and Kata pass to StratoVirt that do not apply here (config_guidebook §7).
 IGNORED_WITH_VALUE = {"-uuid", "-overcommit", "-sandbox", "-msg", "-rtc", "-boot", "-realtime",
-                      "-display", "-cpu", "-accel", "-object", "-global"}
+                      "-display", "-cpu", "-accel", "-global"}
 IGNORED_FLAGS = {"-no-user-config", "-nodefaults", "-nographic", "-no-shutdown", "-usb",
                  "-enable-kvm", "-disable-seccomp", "-mem-prealloc"}
 
@@ -66,6 +68,7 @@ class _Builder:
     netdevs: dict[str, NetdevConfig] = field(default_factory=dict)
     disks: list[DiskConfig] = field(default_factory=list)
     nics: list[NicConfig] = field(default_factory=list)
+    iothreads: list[str] = field(default_factory=list)
     qmp_sockets: list[str] = field(default_factory=list)
     config_file: str | None = None
 
@@ -161,7 +164,8 @@ def parse_device(text: str, builder: _Builder) -> None:
         if "id" in options and not options["id"]:
             raise ConfigError(f"invalid -device {driver}: empty id")
         # As in QEMU, the device is named after its drive unless it has an id.
-        builder.disks.append(DiskConfig(options.get("id", drive.id), drive))
+        builder.disks.append(DiskConfig(options.get("id", drive.id), drive,
+                                        options.get("iothread") or None))
     elif driver in ("virtio-net-device", "virtio-net-mmio"):
         reject_unknown(options, {"id", "netdev", "mac", "iothread"}, "-device")
         netdev = builder.netdevs.get(options.get("netdev", ""))
@@ -171,7 +175,8 @@ def parse_device(text: str, builder: _Builder) -> None:
         if "id" in options and not options["id"]:
             raise ConfigError(f"invalid -device {driver}: empty id")
         mac = parse_mac(options["mac"]) if "mac" in options else None
-        builder.nics.append(NicConfig(options.get("id", netdev.id), netdev, mac))
+        builder.nics.append(NicConfig(options.get("id", netdev.id), netdev, mac,
+                                      options.get("iothread") or None))
     elif driver == "virtio-balloon-device":
         reject_unknown(options, {"id", "deflate-on-oom", "free-page-reporting"}, "-device")
         builder.values["balloon"] = BalloonConfig(
@@ -204,6 +209,19 @@ def _add_netdev(value: str, builder: _Builder) -> None:
     builder.netdevs[netdev.id] = netdev
 
 
+def _add_object(value: str, builder: _Builder) -> None:
+    """-object iothread,id=ID gives devices that name it a thread of their own; other
+    objects (libvirt's secrets, memory backends) change nothing here and are ignored."""
+    options = split_options(value, "-object", positional="type")
+    if options.get("type") != "iothread":
+        return
+    reject_unknown(options, {"type", "id", "poll-max-ns", "poll-grow", "poll-shrink"},
+                   "-object iothread")
+    if not options.get("id"):
+        raise ConfigError("invalid -object iothread: 'id' is required")
+    builder.iothreads.append(options["id"])
+
+
 def _add_qmp(option: str) -> Callable[[str, _Builder], None]:
     def apply(value: str, builder: _Builder) -> None:
         builder.qmp_sockets.append(parse_qmp_socket(value, option))
@@ -228,6 +246,7 @@ OPTIONS_WITH_VALUE: dict[str, Callable[[str, _Builder], None]] = {
     "-api-channel": _add_qmp("-api-channel"),
     "-drive": _add_drive,
     "-netdev": _add_netdev,
+    "-object": _add_object,
     "-device": parse_device,
     "-pidfile": _set("pidfile"),
     "-config": _set_config_file,
@@ -280,6 +299,8 @@ def _finish(builder: _Builder) -> MachineConfig:
         overrides["nics"] = tuple(builder.nics)
     if builder.qmp_sockets:
         overrides["qmp_sockets"] = tuple(builder.qmp_sockets)
+    if builder.iothreads:
+        overrides["iothreads"] = tuple(builder.iothreads)
     return dataclasses.replace(base, **overrides).validate()  # type: ignore[arg-type]
 
 

@@ -227,6 +227,7 @@ class DiskConfig:
 
     id: str
     drive: DriveConfig
+    iothread: str | None = None  # an -object iothread's id; None: the shared one
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,7 @@ class NicConfig:
     id: str
     netdev: NetdevConfig
     mac: str | None = None  # canonical "52:54:00:12:34:56"; None: generated
+    iothread: str | None = None  # an -object iothread's id; None: the shared one
 
 
 def parse_mac(text: str, what: str = "mac") -> str:
@@ -278,6 +280,7 @@ class MachineConfig:
     serial: SerialConfig = field(default_factory=SerialConfig)
     qmp_sockets: tuple[str, ...] = ()
     disks: tuple[DiskConfig, ...] = ()
+    iothreads: tuple[str, ...] = ()  # -object iothread,id=ID: I/O threads of their own
     nics: tuple[NicConfig, ...] = ()
     balloon: BalloonConfig | None = None
     log_file: str | None = None
@@ -305,6 +308,12 @@ class MachineConfig:
             duplicates = sorted({i for i in ids if ids.count(i) > 1})
             if duplicates:
                 raise ConfigError(f"{kind} '{duplicates[0]}' is used twice")
+        if len(set(self.iothreads)) != len(self.iothreads):
+            raise ConfigError("an -object iothread id is used twice")
+        for device in (*self.disks, *self.nics):
+            if device.iothread is not None and device.iothread not in self.iothreads:
+                raise ConfigError(f"device '{device.id}': no -object iothread with id "
+                                  f"'{device.iothread}'")
         if len(set(self.qmp_sockets)) != len(self.qmp_sockets):
             raise ConfigError("the same QMP socket path is given twice")
         for what, path in self._paths():

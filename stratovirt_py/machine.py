@@ -61,7 +61,7 @@ class Hardware:
     chardev: Chardev
     serial: Serial
     virtio: VirtioMmioManager
-    iothread: IoThread
+    iothreads: list[IoThread]  # the shared one first, then one per -object iothread
     hotplug: Hotplug
     cmdline: str
     fastpath: Any  # struct svpy_mmio_fastpath: exits the vCPU loop answers in C
@@ -113,14 +113,14 @@ class MicroVM:
             thread.start(paused=paused)
         hardware.chardev.start(hardware.serial.feed_input, self.request_quit_from_console)
         self._loop.add_reader(hardware.virtio.error_fd, hardware.virtio.on_data_plane_error)
-        self._loop.add_reader(hardware.iothread.failure_fd, self._on_iothread_failure)
+        for iothread in hardware.iothreads:
+            self._loop.add_reader(iothread.failure_fd, self._on_iothread_failure, iothread)
         self.lifecycle.started(paused)
         log.info("VM started%s", " paused (-S)" if paused else "")
 
-    def _on_iothread_failure(self) -> None:
-        """The I/O thread stopped on an error: no disk would ever answer again, so the VM
-        ends with an error instead of hanging on its disks."""
-        iothread = self._hardware().iothread
+    def _on_iothread_failure(self, iothread: IoThread) -> None:
+        """An I/O thread stopped on an error: its disks would never answer again, so the VM
+        ends with an error instead of hanging on them."""
         drain_eventfd(iothread.failure_fd)
         reason = iothread.failure()
         if reason is not None:
@@ -239,12 +239,14 @@ class MicroVM:
         hardware, self.hardware = self.hardware, None
         if hardware is None:
             return
-        for fd in (hardware.iothread.failure_fd, hardware.virtio.error_fd):
+        for fd in (*(thread.failure_fd for thread in hardware.iothreads),
+                   hardware.virtio.error_fd):
             with contextlib.suppress(ValueError, OSError):  # the loop may be closed
                 self._loop.remove_reader(fd)
         if hardware.balloon is not None:
             hardware.balloon.close()
-        hardware.iothread.stop()
+        for iothread in hardware.iothreads:
+            iothread.stop()
         hardware.hotplug.close()
         hardware.virtio.close()
         hardware.chardev.close()

@@ -78,21 +78,27 @@ def test_stop_and_cont_while_nobody_reads_the_console(svtest_guest, tmp_path):
     os.close(write_end)
 
 
-def test_io_thread_failure_ends_the_vm_with_an_error(svtest_guest, tmp_path):
+@pytest.mark.parametrize("own_thread", [False, True])
+def test_io_thread_failure_ends_the_vm_with_an_error(svtest_guest, tmp_path, own_thread):
     """No disk would answer again: the VM ends with status 1 and says why, instead of
-    a guest hanging on its disks while QMP reports it running."""
+    a guest hanging on its disks while QMP reports it running.  With its own thread
+    (-object iothread, iothread= on the device), the disk's I/O is what wakes that one:
+    had the disk stayed on the shared thread, its failure would never come."""
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
     config = MachineConfig(
         kernel=str(svtest_guest), cmdline="svtest.action=blk-bench svtest.count=100000000",
-        disks=(DiskConfig("d", DriveConfig("d", str(image), direct=False)),)).validate()
+        iothreads=("io1",) if own_thread else (),
+        disks=(DiskConfig("d", DriveConfig("d", str(image), direct=False),
+                          "io1" if own_thread else None),)).validate()
     loop = asyncio.new_event_loop()
     machine = MicroVM(config, loop)
     try:
         build_vm(machine)
         machine.start()
         assert machine.hardware is not None
-        iothread = machine.hardware.iothread
+        assert len(machine.hardware.iothreads) == (2 if own_thread else 1)
+        iothread = machine.hardware.iothreads[-1]
         # Something that is not an epoll instance under the thread's epoll fd: its next
         # epoll_wait fails, as any failing epoll_wait would.  The guest's I/O wakes it.
         devnull = os.open(os.devnull, os.O_RDONLY)

@@ -318,3 +318,25 @@ def test_json_file_problems(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         parse_args(["-config", str(bad)])
+
+
+def test_iothread_objects_serve_the_devices_that_name_them():
+    config = parse("-object", "iothread,id=io1", "-object", "secret,id=s0,data=x",
+                   "-drive", "id=d,file=/tmp/disk.img",
+                   "-device", "virtio-blk-device,drive=d,iothread=io1",
+                   "-netdev", "tap,id=n0,ifname=tap0",
+                   "-device", "virtio-net-device,netdev=n0,iothread=io1")
+    assert config.iothreads == ("io1",)  # other objects change nothing
+    assert config.disks[0].iothread == config.nics[0].iothread == "io1"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-drive", "id=d,file=/tmp/d", "-device", "virtio-blk-device,drive=d,iothread=io9"],
+     "device 'd': no -object iothread with id 'io9'"),
+    (["-object", "iothread"], "invalid -object iothread: 'id' is required"),
+    (["-object", "iothread,id=a", "-object", "iothread,id=a"], "iothread id is used twice"),
+    (["-object", "iothread,id=a,color=red"], "color"),
+])
+def test_iothread_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(*args)

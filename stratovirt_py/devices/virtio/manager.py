@@ -47,8 +47,10 @@ class VirtioMmioManager:
         self._eventfds.append(fd)
         return fd
 
-    def add(self, make_device: DeviceFactory, queues: int) -> VirtioMmioTransport:
-        """Places the next device; returns its transport."""
+    def add(self, make_device: DeviceFactory, queues: int,
+            iothread: IoThread | None = None) -> VirtioMmioTransport:
+        """Places the next device (served by `iothread`, or the shared one); returns its
+        transport."""
         index = len(self.transports)
         base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_WINDOW
         irq = layout.VIRTIO_IRQ_BASE + index
@@ -56,7 +58,7 @@ class VirtioMmioManager:
             raise MonitorError("out of interrupt lines for virtio devices")
         if index >= lib.SVPY_FASTPATH_MAX_DEVICES:
             raise MonitorError("too many virtio devices for the vCPU fast path")
-        wiring = DeviceWiring(self._c_memory, self._iothread, self._new_eventfd(),
+        wiring = DeviceWiring(self._c_memory, iothread or self._iothread, self._new_eventfd(),
                               self.error_fd, tuple(self._new_eventfd() for _ in range(queues)))
         device = make_device(wiring)
         assert len(device.queue_max_sizes) == queues
