@@ -52,17 +52,23 @@ RX_BUFFER_LIMIT = 4096
 class Serial:
     """The UART's registers; output goes to `write_output`, IRQ changes to `set_irq`.
 
-    `rx_ready_changed` hears when received bytes start or stop waiting: the vCPU
-    loop answers line status reads in C from that (csrc/dataplane/vcpu_fastpath.h).
+    The vCPU loop answers some accesses in C from what this model publishes
+    (csrc/dataplane/vcpu_fastpath.h): line status reads from `rx_ready_changed`
+    (received bytes start or stop waiting), and transmit register writes while
+    `thr_passthrough_changed` last said True: the divisor latch, loopback and
+    the transmitter-empty interrupt are all off, so such a write only sends its
+    byte and changes nothing here (enabling that interrupt raises it anyway).
     """
 
     def __init__(self, write_output: Callable[[bytes], None],
                  set_irq: Callable[[bool], None],
-                 rx_ready_changed: Callable[[bool], None] | None = None) -> None:
+                 rx_ready_changed: Callable[[bool], None] | None = None,
+                 thr_passthrough_changed: Callable[[bool], None] | None = None) -> None:
         self._write_output = write_output
         self._set_irq = set_irq
         self._rx_ready_changed = rx_ready_changed
         self._rx_ready = False
+        self._thr_passthrough_changed = thr_passthrough_changed
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._rx: deque[int] = deque()
@@ -75,6 +81,9 @@ class Serial:
         self._fifo_enabled = False
         self._thr_interrupt_pending = False
         self._irq_level = False
+        self._thr_passthrough = self._transmit_only_sends()
+        if thr_passthrough_changed is not None:
+            thr_passthrough_changed(self._thr_passthrough)
 
     # Guest side (vCPU threads).
 
@@ -161,14 +170,22 @@ class Serial:
             self._scr = value
         return None
 
+    def _transmit_only_sends(self) -> bool:
+        return not (self._lcr & LCR_DLAB or self._mcr & MCR_LOOP or self._ier & IER_THRI)
+
     def _update_irq(self) -> None:
-        # Every register access and every input ends here, so the line status
-        # the fast path shows follows the receive buffer.
+        # Every register access and every input ends here, so what the fast
+        # path shows follows the receive buffer and the registers.
         ready = bool(self._rx)
         if ready != self._rx_ready:
             self._rx_ready = ready
             if self._rx_ready_changed is not None:
                 self._rx_ready_changed(ready)
+        passthrough = self._transmit_only_sends()
+        if passthrough != self._thr_passthrough:
+            self._thr_passthrough = passthrough
+            if self._thr_passthrough_changed is not None:
+                self._thr_passthrough_changed(passthrough)
         level = bool((self._ier & IER_RDI and self._rx)
                      or (self._ier & IER_THRI and self._thr_interrupt_pending))
         if level != self._irq_level:

@@ -91,3 +91,42 @@ def test_the_fast_path_hears_when_received_bytes_wait_and_when_they_are_gone():
     port.write(uart.DATA, 1, 0x55)  # looped back into the receive buffer
     assert changes == [True, False, True]
     assert port.read(uart.LSR, 1) & uart.LSR_DATA_READY
+
+
+def test_the_fast_path_may_send_only_while_a_transmit_just_sends():
+    """The vCPU loop answers transmit writes in C (no model state changes) while this says
+    so: never with the divisor latch (a write sets the divisor), loopback (it feeds the
+    receiver) or the transmitter-empty interrupt (it must be raised again) on."""
+    changes: list[bool] = []
+    port = Serial(bytearray().extend, lambda level: None, None, changes.append)
+    assert changes == [True]  # reset state: 8N1, no loopback, no interrupts
+    steps = [
+        (uart.LCR, 0x83, False), (uart.LCR, 0x03, True),  # divisor latch
+        (uart.MCR, uart.MCR_LOOP | uart.MCR_OUT2, False), (uart.MCR, uart.MCR_OUT2, True),
+        (uart.IER, uart.IER_RDI, True),  # receive interrupts do not matter
+        (uart.IER, uart.IER_RDI | uart.IER_THRI, False), (uart.IER, uart.IER_RDI, True),
+    ]
+    for offset, value, passthrough in steps:
+        port.write(offset, 1, value)
+        assert changes[-1] is passthrough, (offset, value)
+    assert changes == [True, False, True, False, True, False, True]  # only changes are told
+    # With DLAB set, IER's offset is the divisor's high byte: THRI's bit is not an enable.
+    port.write(uart.LCR, 1, 0x83)
+    port.write(uart.IER, 1, uart.IER_THRI)
+    port.write(uart.LCR, 1, 0x03)
+    assert changes[-1] is True
+
+
+def test_a_transmit_the_fast_path_may_take_changes_nothing_in_the_model():
+    """What C skips (the model's write) must leave no trace that Python's path would keep:
+    the same interrupts and register reads follow with or without it."""
+    def run(send_through_model: bool) -> tuple[list[bool], list[int]]:
+        h = Harness()
+        h.write(uart.IER, uart.IER_RDI)
+        if send_through_model:
+            h.write(uart.DATA, ord("x"))
+        h.write(uart.IER, uart.IER_RDI | uart.IER_THRI)
+        reads = [h.read(uart.IIR), h.read(uart.IIR), h.read(uart.LSR)]
+        return h.irq_levels, reads
+
+    assert run(True) == run(False)
