@@ -5,6 +5,9 @@ feeds it to the UART from a thread of its own.  Output never blocks the
 vCPU: a terminal, pipe or file that stops taking it loses output beyond a
 bounded buffer (output_sink.py), a socket client that stops reading loses it
 at once, rather than stalling the guest.
+
+A backend may also let a direct writer (the vCPU loop, in C) write its output
+without calling `write`, whenever that keeps the output in order.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import tty
 from collections.abc import Callable
 
 from stratovirt_py.config import SerialConfig, SerialKind
-from stratovirt_py.devices.output_sink import OutputSink
+from stratovirt_py.devices.output_sink import DirectWriter, OutputSink
 from stratovirt_py.errors import ConfigError
 from stratovirt_py.unix_listener import create_unix_listener, remove_socket_file
 
@@ -39,6 +42,11 @@ class Chardev:
 
     def write(self, data: bytes) -> None:
         pass
+
+    def set_direct_writer(self, writer: DirectWriter) -> None:
+        """Lets `writer` write output itself while that keeps it in order."""
+        writer.attach(-1, False)  # nothing to write to: it discards, as write() does
+        writer.set_ready(True)
 
     def close(self) -> None:
         pass
@@ -132,6 +140,9 @@ class StdioChardev(Chardev):
     def write(self, data: bytes) -> None:
         self._output.write(data)
 
+    def set_direct_writer(self, writer: DirectWriter) -> None:
+        self._output.set_direct_writer(writer)
+
     def close(self) -> None:
         self._output.close()
         if self._reader is not None:
@@ -158,6 +169,9 @@ class FileChardev(Chardev):
     def write(self, data: bytes) -> None:
         self._output.write(data)
 
+    def set_direct_writer(self, writer: DirectWriter) -> None:
+        self._output.set_direct_writer(writer)
+
     def close(self) -> None:
         if self._fd >= 0:
             self._output.close()
@@ -173,6 +187,7 @@ class SocketChardev(Chardev):
         self._listener = create_unix_listener(path, "serial socket")
         self._client: socket.socket | None = None
         self._lock = threading.Lock()
+        self._direct: DirectWriter | None = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -190,6 +205,7 @@ class SocketChardev(Chardev):
             client.setblocking(True)
             with self._lock:
                 self._client = client
+                self._publish_client()
             try:
                 while True:
                     data = client.recv(4096)
@@ -201,7 +217,26 @@ class SocketChardev(Chardev):
             finally:
                 with self._lock:
                     self._client = None
+                    self._publish_client()
                 client.close()
+
+    def set_direct_writer(self, writer: DirectWriter) -> None:
+        with self._lock:
+            self._direct = writer
+            self._publish_client()
+
+    def _publish_client(self) -> None:
+        """Points the direct writer at the current client, or discarding (lock held)."""
+        if self._direct is None:
+            return
+        # Returns once no direct write to the previous client is in flight, so
+        # that client's fd may be closed (and its number reused) afterwards.
+        self._direct.set_ready(False)
+        if self._client is not None:
+            self._direct.attach(self._client.fileno(), True)
+        else:
+            self._direct.attach(-1, False)  # no client: output is dropped, as write() does
+        self._direct.set_ready(True)
 
     def write(self, data: bytes) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import termios
 import threading
 import time
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from stratovirt_py.devices.output_sink import OutputSink
+from tests.recording_writer import RecordingWriter
 
 F_SETPIPE_SZ = 1031
 
@@ -111,3 +113,76 @@ def test_a_terminal_nobody_reads_never_blocks_and_keeps_its_own_flags():
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_a_direct_writer_gets_a_non_blocking_fd_to_the_same_pipe(pipe):
+    read_end, write_end = pipe
+    sink = OutputSink(write_end, "test")
+    writer = RecordingWriter()
+    sink.set_direct_writer(writer)
+    assert writer.ready == [True]
+    assert not writer.is_socket
+    assert not os.get_blocking(writer.fd)  # a vCPU must never block on it
+    assert os.get_blocking(write_end)  # the caller's description is left as it was
+    assert os.fstat(writer.fd).st_ino == os.fstat(write_end).st_ino
+    os.write(writer.fd, b"direct")
+    assert os.read(read_end, 100) == b"direct"
+    sink.close()
+    assert writer.ready == [True, False]
+
+
+def test_a_backlog_stops_direct_writes_until_it_has_drained_in_order(pipe):
+    read_end, write_end = pipe
+    sink = OutputSink(write_end, "test")
+    writer = RecordingWriter()
+    sink.set_direct_writer(writer)
+    sink.write(b"a" * 4096)  # fills the pipe
+    assert writer.ready == [True]
+    sink.write(b"b" * 100)  # the backlog starts: a direct byte now would overtake it
+    assert writer.ready == [True, False]
+    sink.write(b"c" * 100)
+    assert writer.ready == [True, False]
+    received = drain(read_end, 4296)
+    writer.wait_for(True)  # the flusher emptied the buffer
+    os.write(writer.fd, b"d")  # what the vCPU loop then writes comes after the backlog
+    received += drain(read_end, 1)
+    assert received == b"a" * 4096 + b"b" * 100 + b"c" * 100 + b"d"
+    sink.close()
+    assert writer.ready == [True, False, True, False]
+
+
+def test_a_failed_output_stops_direct_writes_for_good(pipe):
+    read_end, write_end = pipe
+    sink = OutputSink(write_end, "test")
+    writer = RecordingWriter()
+    sink.set_direct_writer(writer)
+    os.close(read_end)
+    sink.write(b"x")  # EPIPE: the sink gives up on the file
+    assert writer.ready == [True, False]
+    sink.write(b"y")
+    sink.close()
+    assert writer.ready == [True, False]
+
+
+def test_a_regular_file_is_written_directly_through_the_callers_fd(tmp_path):
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    sink = OutputSink(fd, "test")
+    writer = RecordingWriter()
+    sink.set_direct_writer(writer)
+    assert (writer.fd, writer.ready) == (fd, [True])
+    sink.close()
+    assert writer.ready == [True, False]
+    os.close(fd)
+
+
+def test_a_socket_is_written_directly_through_the_sinks_own_fd():
+    ours, peer = socket.socketpair()
+    sink = OutputSink(ours.fileno(), "test")
+    writer = RecordingWriter()
+    sink.set_direct_writer(writer)
+    assert writer.is_socket and writer.ready == [True]
+    assert writer.fd != ours.fileno()  # the sink's dup, closed only after set_ready(False)
+    sink.close()
+    assert writer.ready == [True, False]
+    ours.close()
+    peer.close()
