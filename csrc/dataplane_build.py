@@ -195,9 +195,21 @@ int svpy_iothread_start(struct svpy_iothread *thread);
 void svpy_iothread_stop(struct svpy_iothread *thread);
 
 #define SVPY_FASTPATH_MAX_DEVICES ...
+struct svpy_console_output {
+    int fd;
+    uint8_t is_socket;
+    uint8_t ready;
+    uint32_t writers;
+    uint64_t written;
+    ...;
+};
+void svpy_console_output_set_ready(struct svpy_console_output *output, int ready);
 struct svpy_uart_status {
     uint16_t lsr_port;
+    uint16_t thr_port;
     uint8_t rx_ready;
+    uint8_t thr_passthrough;
+    struct svpy_console_output *output;
     ...;
 };
 struct svpy_mmio_fastpath {
@@ -206,6 +218,7 @@ struct svpy_mmio_fastpath {
     uint32_t count;
     struct svpy_virtio_shared *devices[16];
     uint64_t handled;
+    uint64_t returned;
     struct svpy_uart_status *uart;
     ...;
 };

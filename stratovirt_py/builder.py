@@ -14,7 +14,6 @@ import logging
 import os
 import struct
 
-from stratovirt_py._dataplane import ffi as dataplane_ffi
 from stratovirt_py.arch.x86_64 import boot_params, layout
 from stratovirt_py.arch.x86_64.boot_params import build_zero_page
 from stratovirt_py.arch.x86_64.cpu_topology import apic_id, apic_ids
@@ -41,8 +40,9 @@ from stratovirt_py.balloon import Balloon
 from stratovirt_py.config import MAX_DISKS, MAX_NICS
 from stratovirt_py.devices.bus import Bus
 from stratovirt_py.devices.chardev import create_chardev
+from stratovirt_py.devices.console_fastpath import ConsoleFastPath
 from stratovirt_py.devices.i8042 import I8042
-from stratovirt_py.devices.serial import LSR, Serial
+from stratovirt_py.devices.serial import Serial
 from stratovirt_py.devices.virtio.balloon import QUEUES as BALLOON_QUEUES
 from stratovirt_py.devices.virtio.balloon import VirtioBalloon
 from stratovirt_py.devices.virtio.block import VirtioBlock
@@ -118,14 +118,16 @@ class VmBuilder:
 
         pio_bus = Bus("port I/O")
         chardev = create_chardev(config.serial)
-        # Line status reads (one per byte a console writes) are answered in C.
-        uart_status = dataplane_ffi.new("struct svpy_uart_status *")
-        uart_status.lsr_port = layout.SERIAL_PORT_BASE + LSR
+        # Line status reads and plain transmits (one each per byte a console
+        # writes) are answered in C, the bytes written there to the backend.
+        console_fastpath = ConsoleFastPath(layout.SERIAL_PORT_BASE)
         serial = Serial(chardev.write,
                         lambda level: vm.set_irq_line(layout.SERIAL_IRQ, int(level)),
-                        lambda ready: setattr(uart_status, "rx_ready", int(ready)))
+                        console_fastpath.rx_ready_changed,
+                        console_fastpath.thr_passthrough_changed)
+        chardev.set_direct_writer(console_fastpath)
         fastpath = virtio.fastpath()
-        fastpath.uart = uart_status
+        fastpath.uart = console_fastpath.status
         pio_bus.insert(layout.SERIAL_PORT_BASE, 8, serial)
         pio_bus.insert(0x60, 5, I8042(functools.partial(
             self.machine.request_exit,
@@ -136,7 +138,8 @@ class VmBuilder:
             kvm=kvm, vm=vm, memory=memory, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
             chardev=chardev, serial=serial, virtio=virtio, iothreads=list(iothreads.values()),
             hotplug=hotplug,
-            cmdline=cmdline, fastpath=fastpath, uart_status=uart_status, balloon=balloon))
+            cmdline=cmdline, fastpath=fastpath, console_fastpath=console_fastpath,
+            balloon=balloon))
         log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
                  config.topology.cpus, config.memory_size >> 20, config.kernel, cmdline)
 

@@ -21,6 +21,7 @@ from stratovirt_py.balloon import Balloon, BalloonError
 from stratovirt_py.config import DriveConfig, MachineConfig, NetdevConfig
 from stratovirt_py.devices.bus import Bus
 from stratovirt_py.devices.chardev import Chardev
+from stratovirt_py.devices.console_fastpath import ConsoleFastPath
 from stratovirt_py.devices.serial import Serial
 from stratovirt_py.devices.virtio.dataplane import IoThread
 from stratovirt_py.devices.virtio.manager import VirtioMmioManager
@@ -65,8 +66,14 @@ class Hardware:
     hotplug: Hotplug
     cmdline: str
     fastpath: Any  # struct svpy_mmio_fastpath: exits the vCPU loop answers in C
-    uart_status: Any  # struct svpy_uart_status it points to (kept alive here)
+    console_fastpath: ConsoleFastPath  # the UART structs it points to (kept alive here)
     balloon: Balloon | None = None
+
+    def exit_counts(self) -> dict[str, int]:
+        """vCPU exits answered in C and those that reached Python; console bytes C wrote."""
+        return {"answered_in_c": int(self.fastpath.handled),
+                "to_python": int(self.fastpath.returned),
+                "console_bytes_in_c": self.console_fastpath.bytes_written()}
 
 
 EventListener = Callable[[str, dict[str, Any]], None]
