@@ -9,6 +9,7 @@ import fcntl
 import os
 import re
 import select
+import socket
 import time
 from collections.abc import Iterator
 
@@ -116,3 +117,30 @@ def test_a_stalled_reader_neither_stalls_the_guest_nor_reorders_its_output(svtes
         assert len(numbers) > 50
     finally:
         os.close(reader)
+
+
+def test_a_socket_console_client_gets_the_guests_bytes_from_c(svtest_guest, tmp_path):
+    path = tmp_path / "console.sock"
+    with running(svtest_guest, "svtest.action=echo",
+                 SerialConfig(SerialKind.SOCKET, str(path))) as machine:
+        assert machine.hardware is not None
+        counts = machine.hardware.exit_counts
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(path))
+        received = b""
+        try:
+            # Typed input still reaches the guest (its receive buffer read goes to Python).
+            for key in b"zyx":
+                before = counts()
+                client.sendall(bytes((key,)))
+                line = f"svtest: got {key:#04x}\r\n".encode()
+                deadline = time.monotonic() + 30
+                while line not in received:
+                    assert time.monotonic() < deadline, received
+                    select.select([client], [], [], 1)
+                    received += client.recv(4096)
+                after = counts()
+                assert after["console_bytes_in_c"] - before["console_bytes_in_c"] >= len(line)
+                assert after["to_python"] - before["to_python"] < len(line)
+        finally:
+            client.close()
