@@ -3,7 +3,6 @@ byte for byte what the Python path writes, and in order when the reader stalls."
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import os
@@ -18,6 +17,7 @@ import pytest
 from stratovirt_py.builder import build_vm
 from stratovirt_py.config import MachineConfig, SerialConfig, SerialKind
 from stratovirt_py.devices.console_fastpath import ConsoleFastPath
+from stratovirt_py.event_loop import EventLoop
 from stratovirt_py.machine import MicroVM
 
 pytestmark = pytest.mark.kvm
@@ -29,7 +29,7 @@ OTHER_EXITS = 10
 
 @contextlib.contextmanager
 def running(guest, cmdline: str, serial: SerialConfig) -> Iterator[MicroVM]:
-    loop = asyncio.new_event_loop()
+    loop = EventLoop()
     machine = MicroVM(MachineConfig(kernel=str(guest), cmdline=cmdline,
                                     serial=serial).validate(), loop)
     try:
@@ -37,7 +37,8 @@ def running(guest, cmdline: str, serial: SerialConfig) -> Iterator[MicroVM]:
         machine.start()
         yield machine
         if cmdline.startswith("svtest.action=reboot"):
-            request = loop.run_until_complete(asyncio.wait_for(machine.exited, 60))
+            assert loop.run_until(machine.exited.done, 60)
+            request = machine.exited.result()
             assert request.reason == "guest-reset", request.message
     finally:
         machine.destroy()
