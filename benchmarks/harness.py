@@ -8,12 +8,13 @@ are back to back, which is what makes the per-pair ratios meaningful
 Run kinds:
     boot     svtest only: `svtest.action=reboot`, the monitor runs to its exit.
     session  the guest boots and stays up (svtest `halt-loop`, or Linux); the
-             harness connects to QMP as early as it can (start), waits until the
-             guest is idle (boot markers for Linux), samples memory, runs the QMP
-             probes, then sends `quit`.
+             harness connects to QMP as early as it can and asks query-status
+             until running (start), waits until the guest is idle (boot markers
+             for Linux), samples memory, runs the QMP probes, then sends `quit`.
     block.*  svtest only, one per block metric (the kind is the metric's name):
              the disk image's page cache is put in its state, then the guest runs
-             `blk-bench` with the disk attached and the monitor runs to its exit.
+             `blk-bench` with the disk attached and the monitor runs to its exit;
+             the monitor's CPU time is sampled at both ends of the timed window.
              All block kinds run in the first `block_reps` pairs only.
     balloon  the guest boots with 1 GiB and a balloon, fills memory (svtest
              touches it, Linux runs dd), then the inflate to the target is timed
@@ -25,6 +26,9 @@ Run kinds:
     net.*    svtest only, one per frame workload (the kind is the metric's name):
              in a namespace of its own, the host drains or floods the tap while
              the guest runs `net-bench`; the monitor runs to its exit.
+    many     ten monitors with the session guest, exec'd back to back, each
+             probed on its own thread until query-status says running; then
+             their memory, then `quit` to all ten.
 
 Net runs start the monitor under `ip netns exec`; the namespace, its tap and
 every process in it are removed when the run ends, whatever happened.

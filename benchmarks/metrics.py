@@ -9,11 +9,18 @@ itself (`host_cmdline_additions`).  The monitor is started the way a user starts
 it: running, not paused with -S, so the guest boots while the monitor is still
 getting its QMP socket ready.
 
-start  (ms, lower is better)
-    exec -> the complete QMP greeting line received on the QMP socket.  The
-    harness tries to connect to the socket path every millisecond until the
-    connection succeeds, then reads the greeting.  The guest is idle-bound
-    (svtest `halt-loop`, or Linux) in this run.
+start  (ms, lower is better), in the session run; the guest is idle-bound
+    (svtest `halt-loop`, or Linux).
+      start.qmp-greeting   exec -> the complete QMP greeting line received on the
+          QMP socket.  The harness tries to connect to the socket path every
+          millisecond until the connection succeeds, then reads the greeting.
+      start.query-running  exec -> the reply to the first `query-status` that
+          says `"running": true`.  After the greeting: `qmp_capabilities`, then
+          `query-status`; while the answer is `prelaunch` (a monitor that reports
+          running only once its vCPUs run), the next goes 1 ms after the reply
+          (`wait_running`).  QEMU without -S is running as soon as it answers
+          commands, which it does only once its main loop runs, later than its
+          greeting.  Any other status fails the run.
 
 boot   (ms, lower is better), read from the serial console through a pipe; a
     marker's time is when the pipe read that completes it returns.
@@ -39,7 +46,7 @@ memory (MiB, lower is better)
     all threads; see `benchmarks.smaps` for how the RAM mapping is found):
       memory.overhead-rss  Rss of all mappings minus Rss of the guest-RAM mapping(s);
       memory.overhead-pss  the same with Pss (shared pages divided among sharers).
-    Taken before any QMP command other than the greeting.
+    Taken before any QMP command other than qmp_capabilities and query-status.
 
 qmp, over the one connection opened for `start`, after `qmp_capabilities`
 (QEMU refuses commands without it; ours accepts it):
@@ -79,8 +86,19 @@ block  (svtest only; IOPS or MiB/s, HIGHER is better)
       block.randwrite-4k-qd1.*   (IOPS): 4 KiB requests, requests / time;
       block.seqread-128k-qd16.*, block.seqwrite-128k-qd16.*  (MiB/s): 128 KiB
           requests from block 0 on, wrapping at the end; bytes / time / 2^20.
-    Request counts (`BLOCK_WORKLOADS`) make a run last >= 0.2 s on the faster
-    monitor here.  A run fails (it is reported, not dropped) when the output has
+    Request counts (`BLOCK_WORKLOADS`) make a run last ~0.8 s or more here.
+    block.cpu-<workload>.<cache>  (ms per 1000 requests, lower is better): in
+      the same run and window, the monitor process's CPU time (utime + stime,
+      /proc/PID/stat fields 14 and 15: every thread, exited ones included),
+      sampled on the serial reader's thread right after the read completing
+      the start line and right after the read bringing the next byte
+      (`benchmarks.cpu`), divided by the requests and multiplied by 1000.  The
+      kernel gives the times in clock ticks (SC_CLK_TCK = 100 here), each
+      sample truncated to 10 ms: the counts are sized so that a window holds
+      ~100 ticks or more (~1 %).  It includes the vCPU thread, which on this
+      host runs the guest's polling loop in KVM's instruction emulator (system
+      time) all through the window; the JSON keeps each thread's ticks.
+    A run fails (it is reported, not dropped) when the output has
     a `blk-bench FAIL` line, no `blk-bench done` line right after the start
     line, errors= other than 0, requests= other than the start line's count, or
     the monitor does not exit with status 0 after the guest's reset.
@@ -156,6 +174,20 @@ balloon  (virtio-balloon inflate; code in `benchmarks.balloon`)
     svtest runs also check the guest's lines: exactly (boot - TARGET) / 4 KiB
     pages inflated, and every page it kept still holds its pattern (`balloon
     intact ... bad=0`); otherwise the run fails.  Then `quit`.
+
+many  (ten VMs at once; `benchmarks.many`)
+    Ten monitors of the same kind, the session run's guest and command line
+    (svtest `halt-loop`, or Linux), -m and -smp, each with its own QMP socket
+    and serial pipe, exec'd one after the other as fast as the harness can;
+    each VM's probe starts on a thread of its own right after its exec, as in
+    start.query-running: connect as soon as the socket accepts, greeting,
+    qmp_capabilities, query-status until running.
+      many.all-running   (ms, lower is better): the first exec -> the last of
+          the ten `running` replies.
+      many.overhead-rss  (MiB, lower is better): once all ten have answered,
+          the sum of their memory.overhead-rss (smaps, the same definition).
+    Then all ten get `quit` and must exit with status 0; whatever happens, all
+    ten are killed at the end of the run.
 """
 
 from __future__ import annotations
