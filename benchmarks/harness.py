@@ -618,8 +618,9 @@ def run_many(record: RunRecord, monitor: Monitor, guest: Guest, settings: Settin
     starts: list[Future[many.VmStart]] = []
     runs: list[Launched] = []
     try:
-        # Left in reverse: the monitors are killed (their `launched` exits) before
-        # the probe threads are joined, so no probe waits out its deadline.
+        # The stack is left first: the monitors are killed (their `launched` exits)
+        # before the executor joins the probe threads, so no probe waits out its
+        # deadline.
         with ThreadPoolExecutor(max_workers=len(vms),
                                 thread_name_prefix="many-probe") as probes, \
                 contextlib.ExitStack() as stack:
