@@ -11,13 +11,13 @@ client sets one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from stratovirt_py.devices.virtio.balloon import PAGE_SIZE, VirtioBalloon
+from stratovirt_py.event_loop import EventLoop, TimerHandle
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class BalloonError(Exception):
 
 class Balloon:
     def __init__(self, device_id: str, ram_bytes: int, emit: Callable[[str, dict], None],
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: EventLoop) -> None:
         self.device_id = device_id
         self.ram_bytes = ram_bytes
         self._emit = emit
@@ -45,9 +45,9 @@ class Balloon:
         self._device: VirtioBalloon | None = None
         self._notify_config_change: Callable[[], None] = lambda: None
         self._last_event = -EVENT_INTERVAL
-        self._event_pending: asyncio.TimerHandle | None = None
+        self._event_pending: TimerHandle | None = None
         self._polling_interval = 0
-        self._polling: asyncio.TimerHandle | None = None
+        self._polling: TimerHandle | None = None
 
     @property
     def qom_path(self) -> str:

@@ -15,7 +15,6 @@ event loop keeps serving.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -26,6 +25,7 @@ from stratovirt_py.backends import BackendRegistry
 from stratovirt_py.config import DriveConfig, NetdevConfig, parse_mac
 from stratovirt_py.devices.virtio.block import BackendError, DiskBackend, open_image
 from stratovirt_py.errors import ConfigError
+from stratovirt_py.event_loop import running_loop
 from stratovirt_py.slots import DISK, NIC, HotplugError, Slot, SlotKind, SlotTable
 from stratovirt_py.tap import Tap, TapError
 
@@ -213,10 +213,10 @@ class Hotplug:
     async def detach(self, device_id: str) -> SlotKind:
         """device_del: empties the device's slot without blocking the event loop."""
         slot = self.slots.begin_release(device_id)
-        emptied = asyncio.get_running_loop().run_in_executor(None, self.empty, slot)
+        emptied = running_loop().run_in_executor(self.empty, slot)
         try:
             # Cancelled (the monitor exits): the worker still finishes its work.
-            await asyncio.shield(emptied)
+            await emptied
         finally:
             if emptied.done():
                 self._finish_detach(slot)

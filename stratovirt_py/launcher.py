@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -16,6 +15,7 @@ from typing import ClassVar
 from stratovirt_py.builder import build_vm
 from stratovirt_py.config import MachineConfig
 from stratovirt_py.errors import ConfigError, MonitorError, error_line
+from stratovirt_py.event_loop import EventLoop
 from stratovirt_py.kvm import KvmError
 from stratovirt_py.machine import ExitRequest, MicroVM
 from stratovirt_py.qmp.server import QmpServer
@@ -149,7 +149,7 @@ def launch(config: MachineConfig) -> int:
 
 
 def _run(config: MachineConfig, ready_pipe: int | None) -> int:
-    loop = asyncio.new_event_loop()
+    loop = EventLoop()
     machine = MicroVM(config, loop)
     # Before anything that must be cleaned up exists: a signal from now on is
     # held until the loop runs, and then ends the VM the orderly way.

@@ -1,7 +1,7 @@
 """MicroVM: runs a built microvm (builder.py builds it): its lifecycle and its operations.
 
 The run state and its events belong to a Lifecycle (lifecycle.py).  The vCPU
-threads report guest exits here; the control plane (the asyncio loop in
+threads report guest exits here; the control plane (the event loop in
 launcher.py, and QMP) waits for `exited` and asks for pause, resume,
 hot-plug and shutdown.  Events reach the listeners on the event-loop thread,
 whichever thread raised them.
@@ -9,7 +9,6 @@ whichever thread raised them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
@@ -25,6 +24,7 @@ from stratovirt_py.devices.serial import Serial
 from stratovirt_py.devices.virtio.dataplane import IoThread
 from stratovirt_py.devices.virtio.manager import VirtioMmioManager
 from stratovirt_py.devices.virtio.mmio import drain_eventfd
+from stratovirt_py.event_loop import EventLoop, Future
 from stratovirt_py.hotplug import DeviceRequest, Hotplug
 from stratovirt_py.kvm import Kvm, Vcpu, Vm
 from stratovirt_py.lifecycle import Lifecycle, RunState
@@ -73,11 +73,11 @@ EventListener = Callable[[str, dict[str, Any]], None]
 
 
 class MicroVM:
-    def __init__(self, config: MachineConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: MachineConfig, loop: EventLoop) -> None:
         self.config = config
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self.exited: asyncio.Future[ExitRequest] = loop.create_future()
+        self.exited: Future[ExitRequest] = loop.create_future()
         self.event_listeners: list[EventListener] = []
         self.hardware: Hardware | None = None
         self.vcpu_threads: list[VcpuThread] = []
@@ -100,7 +100,7 @@ class MicroVM:
         return self.hardware
 
     @property
-    def loop(self) -> asyncio.AbstractEventLoop:
+    def loop(self) -> EventLoop:
         """The event loop the control plane runs on (timers, events)."""
         return self._loop
 

@@ -12,7 +12,6 @@ serving everything else.  Synchronous handlers stay a plain call.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections.abc import Callable, Coroutine
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from stratovirt_py.config import DriveConfig, MachineConfig, NetdevConfig
+from stratovirt_py.event_loop import CancelledError, current_task
 from stratovirt_py.hotplug import DeviceRequest
 from stratovirt_py.lifecycle import RunState
 from stratovirt_py.machine import ExitRequest
@@ -154,8 +154,8 @@ async def _run_async(entry: Command, machine: ManagedMachine, context: CommandCo
         result = await entry.handler(machine, context, arguments)
     except QmpError as exc:
         return error_message(exc, request_id, has_id)
-    except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
+    except CancelledError as exc:
+        task = current_task()
         if task is not None and task.cancelling():
             raise  # the server is shutting down: no reply
         # Something the handler awaited was cancelled: still a failure of this command.

@@ -1,6 +1,6 @@
 """QMP unix-socket server: connections, per-connection buffers, and event broadcast.
 
-Everything runs on the monitor's asyncio loop with raw non-blocking sockets
+Everything runs on the monitor's event loop (event_loop.py) with raw non-blocking sockets
 (recvmsg, for SCM_RIGHTS file descriptors).  Several clients may be connected
 at once; each gets exactly one reply per request, in request order, and every
 client that has sent at least one command receives the events.  A client that
@@ -22,7 +22,6 @@ requests it has already read queued, so replies stay in order.
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import logging
 import os
@@ -32,6 +31,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
+from stratovirt_py.event_loop import EventLoop, Task, wait_for_all
 from stratovirt_py.qmp.protocol import (
     JsonStreamSplitter,
     ParseFailure,
@@ -88,7 +88,7 @@ class Connection:
         self._command_running = False
         self._held_events = bytearray()  # written before the reply
         self._held_after_reply = bytearray()
-        self._async_reply: asyncio.Task[Reply] | None = None
+        self._async_reply: Task[Reply] | None = None
         self._backlog: deque[bytes | ParseFailure] = deque()
 
     # CommandContext for getfd/closefd: only the fds that came with this command.
@@ -272,7 +272,7 @@ class Connection:
         self.server.tasks.add(task)
         task.add_done_callback(self._on_async_reply)
 
-    def _on_async_reply(self, task: asyncio.Task[Reply]) -> None:
+    def _on_async_reply(self, task: Task[Reply]) -> None:
         self.server.tasks.discard(task)
         self._async_reply = None
         if task.cancelled():  # the monitor is shutting down
@@ -343,14 +343,14 @@ class Connection:
 class QmpServer:
     """Listens on every -qmp / -api-channel path and serves all of them."""
 
-    def __init__(self, machine: ManagedMachine, loop: asyncio.AbstractEventLoop,
+    def __init__(self, machine: ManagedMachine, loop: EventLoop,
                  paths: tuple[str, ...]) -> None:
         self.machine = machine
         self.loop = loop
         self.paths: list[str] = []
         self.listeners: list[socket.socket] = []
         self.connections: set[Connection] = set()
-        self.tasks: set[asyncio.Task[Reply]] = set()  # async commands under way
+        self.tasks: set[Task[Reply]] = set()  # async commands under way
         self.closing = False
         try:
             for path in paths:
@@ -424,4 +424,4 @@ class QmpServer:
             task.cancel()
         if tasks and not self.loop.is_running() and not self.loop.is_closed():
             # Let them unwind (their finally blocks run) for a bounded time.
-            self.loop.run_until_complete(asyncio.wait(tasks, timeout=FLUSH_AT_EXIT_SECONDS))
+            wait_for_all(self.loop, tasks, FLUSH_AT_EXIT_SECONDS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import fcntl
 import os
@@ -16,6 +15,7 @@ import pytest
 
 from stratovirt_py.builder import build_vm
 from stratovirt_py.config import DiskConfig, DriveConfig, MachineConfig
+from stratovirt_py.event_loop import EventLoop
 from stratovirt_py.lifecycle import RunState
 from stratovirt_py.machine import MicroVM
 from tests.helpers import Qmp, running_monitor, wait_for_socket
@@ -91,7 +91,7 @@ def test_io_thread_failure_ends_the_vm_with_an_error(svtest_guest, tmp_path, own
         iothreads=("io1",) if own_thread else (),
         disks=(DiskConfig("d", DriveConfig("d", str(image), direct=False),
                           "io1" if own_thread else None),)).validate()
-    loop = asyncio.new_event_loop()
+    loop = EventLoop()
     machine = MicroVM(config, loop)
     try:
         build_vm(machine)
@@ -104,7 +104,8 @@ def test_io_thread_failure_ends_the_vm_with_an_error(svtest_guest, tmp_path, own
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, iothread.handle.epoll_fd)
         os.close(devnull)
-        request = loop.run_until_complete(asyncio.wait_for(machine.exited, 30))
+        assert loop.run_until(machine.exited.done, 30)
+        request = machine.exited.result()
         assert (request.status, request.guest, request.reason) == (1, False, "host-error")
         assert "the I/O thread stopped: epoll_wait failed: Invalid argument" in request.message
         assert machine.state is RunState.INTERNAL_ERROR

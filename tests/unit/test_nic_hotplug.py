@@ -6,7 +6,6 @@ test_virtio_net_kvm.py opens real ones, inside a network namespace.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import ClassVar
 
@@ -16,6 +15,7 @@ from stratovirt_py import hotplug as hotplug_module
 from stratovirt_py.backends import BackendRegistry
 from stratovirt_py.config import MAX_NICS, NetdevConfig
 from stratovirt_py.devices.virtio.net import format_mac, mac_from_text
+from stratovirt_py.event_loop import EventLoop
 from stratovirt_py.hotplug import Hotplug, HotplugError, NicRequest
 from stratovirt_py.qmp.registry import dispatch
 from stratovirt_py.slots import NIC, Slot, SlotTable
@@ -96,7 +96,9 @@ def test_the_spec_sequence_brings_the_link_up_and_device_del_down(hotplug):
                addr="0x0") == {"return": {}}
     assert nic(hotplug, 0).backend.ifname == "tap0"
     assert hotplug.notified == [0]  # the guest hears of it (config interrupt)
-    assert asyncio.run(_device_del(machine, "net-0")) == {"return": {}}
+    loop = EventLoop()
+    assert loop.run_until_complete(_device_del(machine, "net-0")) == {"return": {}}
+    loop.close()
     assert nic(hotplug, 0).backend is None and hotplug.notified == [0, 0]
     # The tap stays with its netdev until netdev_del, as in QEMU.
     assert "tap0" in FakeTap.opened

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 from stratovirt_py.backends import BackendRegistry
 from stratovirt_py.balloon import Balloon, BalloonError
 from stratovirt_py.config import CpuTopology, DriveConfig, MachineConfig, NetdevConfig
+from stratovirt_py.event_loop import EventLoop
 from stratovirt_py.hotplug import DeviceRequest, Hotplug
 from stratovirt_py.lifecycle import Lifecycle, RunState
 from stratovirt_py.machine import ExitRequest
@@ -344,7 +344,7 @@ def test_getfd_and_closefd():
 
 class ServerHarness:
     def __init__(self, path: str, machine: FakeMachine) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = EventLoop()
         self.machine = machine
         self.server = QmpServer(machine, self.loop, (path,))
         machine.listeners.append(self.server.broadcast_event)
@@ -428,7 +428,7 @@ def test_existing_socket_path_is_refused(tmp_path):
 
     path = tmp_path / "taken"
     path.write_text("")
-    loop = asyncio.new_event_loop()
+    loop = EventLoop()
     with pytest.raises(ConfigError, match="already exists"):
         QmpServer(FakeMachine(), loop, (str(path),))
     assert path.read_text() == ""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import inspect
 import json
 import socket
 import threading
@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from stratovirt_py.event_loop import CancelledError, EventLoop
 from stratovirt_py.qmp.registry import COMMANDS, command, dispatch
 from stratovirt_py.qmp.schema import Arg
 from stratovirt_py.qmp.server import QmpServer
@@ -22,17 +23,17 @@ from tests.unit.test_qmp import (
 
 
 class Gate:
-    """An asyncio.Event on the harness loop that the test thread opens."""
+    """A future on the harness loop that the test thread completes."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: EventLoop) -> None:
         self.loop = loop
-        self.event = asyncio.Event()
+        self.event = loop.create_future()
         self.entered = threading.Event()
         self.finished = threading.Event()
         self.cancelled = threading.Event()
 
     def open(self) -> None:
-        self.loop.call_soon_threadsafe(self.event.set)
+        self.loop.call_soon_threadsafe(self.event.set_result, None)
 
 
 @pytest.fixture
@@ -43,8 +44,8 @@ def gate(harness, monkeypatch):
     async def wait(machine, context, args):
         gate.entered.set()
         try:
-            await gate.event.wait()
-        except asyncio.CancelledError:
+            await gate.event
+        except CancelledError:
             gate.cancelled.set()
             raise
         if args.get("event"):
@@ -72,7 +73,7 @@ def test_dispatch_returns_an_awaitable_only_for_async_commands(gate):
     assert bad == {"error": {"class": "GenericError", "desc": "Parameter 'x' is unexpected"}}
     assert not gate.entered.is_set()  # arguments are checked before anything runs
     pending = dispatch(machine, FakeContext(), {"execute": "test-wait", "id": 4})
-    assert asyncio.iscoroutine(pending)
+    assert inspect.iscoroutine(pending)
     pending.close()
 
 
@@ -152,14 +153,14 @@ def test_shutdown_does_not_wait_for_pending_commands(harness, gate):
 
 def test_shutdown_with_the_loop_stopped_cancels_pending_commands(tmp_path, monkeypatch):
     """The launcher closes the server after its loop has stopped: nothing may hang there."""
-    loop = asyncio.new_event_loop()
+    loop = EventLoop()
     entered, cancelled = [], []
 
     async def wait_forever(machine, context, args):
         entered.append(True)
         try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
+            await loop.create_future()  # never completed
+        except CancelledError:
             cancelled.append(True)
             raise
     monkeypatch.setitem(COMMANDS, "test-forever", None)
@@ -171,13 +172,13 @@ def test_shutdown_with_the_loop_stopped_cancels_pending_commands(tmp_path, monke
     client.sendall(b'{"execute":"test-forever"}')
     deadline = time.monotonic() + 5
     while not entered and time.monotonic() < deadline:
-        loop.run_until_complete(asyncio.sleep(0.01))
+        loop.run_until(lambda: bool(entered), 0.01)
     assert entered
     # Another client's command arrives while the server is closing: the machine is
     # about to be torn down, so it must not run.
     other = socket.socket(socket.AF_UNIX)
     other.connect(str(tmp_path / "q.sock"))
-    loop.run_until_complete(asyncio.sleep(0.05))  # accepted, greeted
+    loop.run_until(lambda: False, 0.05)  # accepted, greeted
     other.sendall(b'{"execute":"test-forever","id":"late"}')
     started = time.monotonic()
     server.close()
@@ -195,13 +196,14 @@ def test_shutdown_with_the_loop_stopped_cancels_pending_commands(tmp_path, monke
     other.close()
 
 
-def test_synchronous_commands_create_no_task(harness):
+def test_synchronous_commands_create_no_task(harness, monkeypatch):
     created = []
+    create_task = harness.loop.create_task
 
-    def counting_factory(loop, coro, **kwargs):
+    def counting_create_task(coro):
         created.append(coro)
-        return asyncio.Task(coro, loop=loop, **kwargs)
-    harness.call(harness.loop.set_task_factory, counting_factory)
+        return create_task(coro)
+    monkeypatch.setattr(harness.loop, "create_task", counting_create_task)
     client = greeted(harness)
     client.send(b'{"execute":"query-status"}' * 50)
     for _ in range(50):

@@ -7,11 +7,11 @@ prove that nothing outside guest RAM was touched.
 
 from __future__ import annotations
 
-import asyncio
 import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -26,6 +26,7 @@ from stratovirt_py.devices.virtio.balloon import (
 )
 from stratovirt_py.devices.virtio.dataplane import DeviceWiring, IoThread, device_lock
 from stratovirt_py.devices.virtio.mmio import VIRTIO_F_VERSION_1, QueueSetup
+from stratovirt_py.event_loop import EventLoop
 from stratovirt_py.qmp.registry import dispatch
 from tests.unit.test_qmp import FakeContext, FakeMachine
 from tests.virtq_model import F_NEXT, F_WRITE, Queue
@@ -254,11 +255,19 @@ class FakeDevice:
         return True
 
 
+def run_on_a_loop(scenario: Callable[[EventLoop], None]) -> None:
+    loop = EventLoop()
+    try:
+        scenario(loop)
+    finally:
+        loop.close()
+
+
 def test_targets_are_checked_and_events_come_at_most_once_a_second():
-    async def scenario() -> None:
+    def scenario(loop: EventLoop) -> None:
         events: list[tuple[str, dict]] = []
         balloon = Balloon("balloon0", 256 << 20, lambda name, data: events.append(
-            (name, data)), asyncio.get_running_loop())
+            (name, data)), loop)
         with pytest.raises(BalloonError) as error:
             balloon.actual()
         assert error.value.error_class == "DeviceNotActive"
@@ -277,23 +286,23 @@ def test_targets_are_checked_and_events_come_at_most_once_a_second():
         for pages in (100, 200, 300):
             device.actual = pages
             balloon.on_actual_change(pages)
-            await asyncio.sleep(0.01)
+            loop.run_until(lambda: False, 0.01)
         assert [data["actual"] for name, data in events if name == "BALLOON_CHANGED"] == [
             (256 << 20) - 100 * PAGE]
-        await asyncio.sleep(1.1)
+        loop.run_until(lambda: False, 1.1)
         changed = [data["actual"] for name, data in events if name == "BALLOON_CHANGED"]
         assert changed == [(256 << 20) - 100 * PAGE, (256 << 20) - 300 * PAGE]
         assert [name for name, _ in events].count("BALLOON_CHANGE") == 2
         assert balloon.actual() == (256 << 20) - 300 * PAGE
         balloon.close()
 
-    asyncio.run(scenario())
+    run_on_a_loop(scenario)
 
 
 def test_statistics_polling_through_qom():
-    async def scenario() -> None:
+    def scenario(loop: EventLoop) -> None:
         balloon = Balloon("bal", 256 << 20, lambda name, data: None,
-                          asyncio.get_running_loop())
+                          loop)
         device = FakeDevice()
         balloon.attach(device, lambda: None)  # type: ignore[arg-type]
         path = "/machine/peripheral/bal"
@@ -306,18 +315,18 @@ def test_statistics_polling_through_qom():
         with pytest.raises(BalloonError, match="not found"):
             balloon.qom_get(path, "nonsense")
         balloon.qom_set(path, "guest-stats-polling-interval", 1)
-        await asyncio.sleep(1.2)
+        loop.run_until(lambda: False, 1.2)
         assert device.stats_requests == 2  # at once, then a second later
         balloon.qom_set(path, "guest-stats-polling-interval", 0)
-        await asyncio.sleep(1.1)
+        loop.run_until(lambda: False, 1.1)
         assert device.stats_requests == 2
         balloon.close()
 
-    asyncio.run(scenario())
+    run_on_a_loop(scenario)
 
 
 def test_qmp_balloon_commands():
-    async def scenario() -> None:
+    def scenario(loop: EventLoop) -> None:
         machine = FakeMachine()
         for command, arguments in (("balloon", {"value": 1 << 30}), ("query-balloon", {}),
                                    ("qom-get", {"path": "/machine/peripheral/balloon0",
@@ -327,7 +336,7 @@ def test_qmp_balloon_commands():
                 "error": {"class": "DeviceNotActive",
                           "desc": "No balloon device has been activated"}}
         balloon = Balloon("balloon0", 1 << 30, lambda name, data: None,
-                          asyncio.get_running_loop())
+                          loop)
         device = FakeDevice()
         balloon.attach(device, lambda: None)  # type: ignore[arg-type]
         machine.balloon = balloon
@@ -346,7 +355,7 @@ def test_qmp_balloon_commands():
         assert run("query-balloon") == {"return": {"actual": 512 << 20}}
         balloon.close()
 
-    asyncio.run(scenario())
+    run_on_a_loop(scenario)
 
 
 def test_a_list_longer_than_the_cap_is_cut_not_walked(rig):
