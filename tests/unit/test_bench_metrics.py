@@ -167,12 +167,18 @@ def test_serial_watcher_runs_the_hook_after_each_read():
 
 
 def test_sampler_on_a_live_process_sees_its_cpu_time():
-    """A child that burns CPU between two lines, as a monitor does between blk-bench's."""
+    """A child that burns CPU between two lines, as a monitor does between blk-bench's.
+
+    It idles around the burn so that a reader thread the host schedules late
+    still samples before and after it.
+    """
     script = ("import sys, time\n"
               f"sys.stdout.buffer.write({START_LINE!r}); sys.stdout.flush()\n"
+              "time.sleep(0.3)\n"
               "end = time.process_time() + 0.3\n"
               "while time.process_time() < end: pass\n"
-              f"sys.stdout.buffer.write({DONE_LINE!r}); sys.stdout.flush()\n")
+              f"sys.stdout.buffer.write({DONE_LINE!r}); sys.stdout.flush()\n"
+              "time.sleep(0.5)\n")
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     assert child.stdout is not None
     sampler = WindowSampler(child.pid, BLK_START)
