@@ -185,8 +185,11 @@ class Monitor:
 
 
 def ours_command(guest: Guest, cmdline: str, qmp: Path, settings: Settings) -> list[str]:
-    # The monitor adds the kvm_pvm guest arguments itself (it logs them).
-    argv = [settings.python, "-m", "stratovirt_py", "-kernel", str(guest.kernel)]
+    # The monitor adds the kvm_pvm guest arguments itself (it logs them).  It runs as users
+    # run it: the installed command (no runpy), else through the interpreter.
+    script = Path(settings.python).with_name("stratovirt-py")
+    launcher = [str(script)] if script.is_file() else [settings.python, "-m", "stratovirt_py"]
+    argv = [*launcher, "-kernel", str(guest.kernel)]
     if guest.initrd:
         argv += ["-initrd", str(guest.initrd)]
     return [*argv, "-append", cmdline, "-m", str(settings.mem_mib), "-smp", str(settings.smp),
