@@ -13,8 +13,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import balloon, harness, report
-from benchmarks.metrics import BLOCK_WORKLOADS, FRAME_WORKLOADS, GROUPS, METRICS, MiB
+from benchmarks import balloon, cpu, harness, report
+from benchmarks.metrics import (
+    BLOCK_WORKLOADS,
+    FRAME_WORKLOADS,
+    GROUPS,
+    MANY_VMS,
+    METRICS,
+    MiB,
+)
 from tests.netns import netns_unavailable
 
 DEFAULTS = {
@@ -51,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(GROUPS)} (all that the "
                              "guest and host can take: block is svtest only, net needs root "
                              "for its network namespaces; balloon boots with its own -m, "
-                             "see --balloon-plan)")
+                             "see --balloon-plan; many starts ten VMs at once)")
     parser.add_argument("--monitors", default="ours,qemu", help="comma-separated: ours,qemu")
     parser.add_argument("--output", type=Path,
                         help="JSON results (default bench-results/<date>-<guest>.json)")
@@ -207,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                 "workloads": [dataclasses.asdict(w) for w in BLOCK_WORKLOADS],
                 "cmdlines": {case.metric: guest.block_cmdline(case)
                              for case in harness.block_cases(guest, args.groups)},
+                "cpu_clock_ticks_per_s": cpu.CLOCK_TICKS,
             } if block else None,
+            "many": {"vms": MANY_VMS, "cmdline": guest.session_cmdline}
+            if "many" in args.groups else None,
             "net": {
                 "linux_plan": dataclasses.asdict(settings.net_plan),
                 "frame_workloads": [dataclasses.asdict(w) for w in FRAME_WORKLOADS],

@@ -8,12 +8,13 @@ are back to back, which is what makes the per-pair ratios meaningful
 Run kinds:
     boot     svtest only: `svtest.action=reboot`, the monitor runs to its exit.
     session  the guest boots and stays up (svtest `halt-loop`, or Linux); the
-             harness connects to QMP as early as it can (start), waits until the
-             guest is idle (boot markers for Linux), samples memory, runs the QMP
-             probes, then sends `quit`.
+             harness connects to QMP as early as it can and asks query-status
+             until running (start), waits until the guest is idle (boot markers
+             for Linux), samples memory, runs the QMP probes, then sends `quit`.
     block.*  svtest only, one per block metric (the kind is the metric's name):
              the disk image's page cache is put in its state, then the guest runs
-             `blk-bench` with the disk attached and the monitor runs to its exit.
+             `blk-bench` with the disk attached and the monitor runs to its exit;
+             the monitor's CPU time is sampled at both ends of the timed window.
              All block kinds run in the first `block_reps` pairs only.
     balloon  the guest boots with 1 GiB and a balloon, fills memory (svtest
              touches it, Linux runs dd), then the inflate to the target is timed
@@ -25,6 +26,9 @@ Run kinds:
     net.*    svtest only, one per frame workload (the kind is the metric's name):
              in a namespace of its own, the host drains or floods the tap while
              the guest runs `net-bench`; the monitor runs to its exit.
+    many     ten monitors with the session guest, exec'd back to back, each
+             probed on its own thread until query-status says running; then
+             their memory, then `quit` to all ten.
 
 Net runs start the monitor under `ip netns exec`; the namespace, its tap and
 every process in it are removed when the run ends, whatever happened.
@@ -43,16 +47,19 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import balloon, metrics, net
+from benchmarks import balloon, cpu, many, metrics, net
 from benchmarks.metrics import (
     BALLOON_METRICS,
     BLOCK_CASES,
     FRAME_WORKLOADS,
     LINUX_NET_METRICS,
+    MANY_METRICS,
+    MANY_VMS,
     NS_PER_MS,
     BlockCase,
     FrameWorkload,
@@ -178,8 +185,11 @@ class Monitor:
 
 
 def ours_command(guest: Guest, cmdline: str, qmp: Path, settings: Settings) -> list[str]:
-    # The monitor adds the kvm_pvm guest arguments itself (it logs them).
-    argv = [settings.python, "-m", "stratovirt_py", "-kernel", str(guest.kernel)]
+    # The monitor adds the kvm_pvm guest arguments itself (it logs them).  It runs as users
+    # run it: the installed command (no runpy), else through the interpreter.
+    script = Path(settings.python).with_name("stratovirt-py")
+    launcher = [str(script)] if script.is_file() else [settings.python, "-m", "stratovirt_py"]
+    argv = [*launcher, "-kernel", str(guest.kernel)]
     if guest.initrd:
         argv += ["-initrd", str(guest.initrd)]
     return [*argv, "-append", cmdline, "-m", str(settings.mem_mib), "-smp", str(settings.smp),
@@ -270,10 +280,12 @@ class Launched:
 
 @contextlib.contextmanager
 def launched(argv: list[str], env: dict[str, str] | None, markers: dict[str, bytes],
-             stderr_path: Path, console_input: bool = False) -> Iterator[Launched]:
+             stderr_path: Path, console_input: bool = False,
+             read_hook: Callable[[int], metrics.ReadHook] | None = None) -> Iterator[Launched]:
     """Starts a monitor with its serial on a pipe; kills it on the way out, whatever happens.
 
-    With `console_input` the serial's input is a pipe too (process.stdin).
+    With `console_input` the serial's input is a pipe too (process.stdin);
+    `read_hook(pid)` gives the serial reader a hook run after each read.
     """
     stdin = subprocess.PIPE if console_input else subprocess.DEVNULL
     with stderr_path.open("wb") as stderr:
@@ -285,7 +297,8 @@ def launched(argv: list[str], env: dict[str, str] | None, markers: dict[str, byt
     exits = None
     try:
         exits = metrics.ExitWatcher(process.pid)
-        serial = metrics.SerialWatcher(process.stdout.fileno(), markers)
+        serial = metrics.SerialWatcher(process.stdout.fileno(), markers,
+                                       read_hook(process.pid) if read_hook else None)
         yield Launched(process, t0, serial, exits, stderr_path)
     finally:
         if process.poll() is None:
@@ -354,6 +367,9 @@ def run_session(record: RunRecord, monitor: Monitor, guest: Guest, settings: Set
             record.values["start.qmp-greeting"] = _ms(run.t0, greeted)
             # QEMU accepts nothing else (not even quit) before it.
             client.execute("qmp_capabilities")
+            running, queries = metrics.wait_running(client, deadline, run.alive)
+            record.values["start.query-running"] = _ms(run.t0, running)
+            record.details["running_queries"] = queries
             run.serial.wait_for("ready", deadline, _boot_check(run, client))
             if guest.boot_cmdline is None:
                 _settle(run, guest.settle_s)
@@ -440,7 +456,13 @@ def run_block(record: RunRecord, monitor: Monitor, guest: Guest, case: BlockCase
     """One blk-bench run: page cache state, boot with the disk, time the run, exit."""
     record.details["prepare"] = prepare_image_cache(image, cached=not case.direct)
     stderr_path = workdir / f"{record.monitor}-{record.kind}-{record.pair}.stderr"
-    with launched(record.argv, monitor.env, {}, stderr_path) as run:
+    samplers: list[cpu.WindowSampler] = []
+
+    def sampler(pid: int) -> metrics.ReadHook:
+        samplers.append(cpu.WindowSampler(pid, metrics.BLK_START))
+        return samplers[0].on_read
+
+    with launched(record.argv, monitor.env, {}, stderr_path, read_hook=sampler) as run:
         try:
             code, _ = _wait_for_exit(run, guest, record)
             result = metrics.parse_blk_bench(bytes(run.serial.data), run.serial.arrival_ns)
@@ -453,7 +475,10 @@ def run_block(record: RunRecord, monitor: Monitor, guest: Guest, case: BlockCase
                 raise ProbeError(f"the guest ran mode, bs, qd, count = {ran}, not {wanted}")
             if code != 0:
                 raise ProbeError(f"the monitor exited with status {code}")
+            record.details["cpu"] = samplers[0].as_dict()
+            cpu_ms = samplers[0].ms_per_1000(result.requests)
             record.values[case.metric] = result.value(case.workload.unit)
+            record.values[case.cpu_metric] = cpu_ms
         except (ProbeError, OSError, subprocess.TimeoutExpired) as error:
             record.error = str(error)
             record.details["serial_tail"] = run.serial.tail()
@@ -578,6 +603,79 @@ def run_balloon(record: RunRecord, monitor: Monitor, guest: Guest, plan: balloon
                 client.close()
 
 
+def many_vms(monitor: Monitor, guest: Guest, settings: Settings, workdir: Path,
+             pair: int) -> list[tuple[list[str], Path]]:
+    """The ten monitors' command lines and QMP sockets: the same guest, a socket each."""
+    vms = []
+    for index in range(MANY_VMS):
+        qmp_path = workdir / f"{monitor.name}-many-{pair}-{index}.qmp"
+        vms.append((monitor.command(guest, guest.session_cmdline, qmp_path, settings),
+                    qmp_path))
+    return vms
+
+
+def run_many(record: RunRecord, monitor: Monitor, guest: Guest, settings: Settings,
+             vms: list[tuple[list[str], Path]], workdir: Path) -> None:
+    """Ten monitors at once: all answer query-status running, their overhead RSS, quit."""
+    record.details["argvs"] = [argv for argv, _ in vms]
+    starts: list[Future[many.VmStart]] = []
+    runs: list[Launched] = []
+    try:
+        # The stack is left first: the monitors are killed (their `launched` exits)
+        # before the executor joins the probe threads, so no probe waits out its
+        # deadline.
+        with ThreadPoolExecutor(max_workers=len(vms),
+                                thread_name_prefix="many-probe") as probes, \
+                contextlib.ExitStack() as stack:
+            for index, (argv, qmp_path) in enumerate(vms):
+                stderr_path = workdir / f"{record.monitor}-many-{record.pair}-{index}.stderr"
+                run = stack.enter_context(launched(argv, monitor.env, {}, stderr_path))
+                runs.append(run)
+                deadline = run.t0 + int(guest.timeout_s * 1e9)
+                starts.append(probes.submit(many.probe_running, qmp_path, deadline,
+                                            run.alive))
+            try:
+                _many_measure(record, settings, runs, starts)
+            except (ProbeError, RamMappingError, OSError, ValueError,
+                    subprocess.TimeoutExpired) as error:
+                failed = next((i for i, f in enumerate(starts)
+                               if f.done() and f.exception() is not None), 0)
+                _failed(record, runs[failed], error)
+                record.details["failed_vm"] = failed
+    finally:
+        for start in starts:
+            if start.done() and start.exception() is None:
+                start.result().client.close()
+
+
+def _many_measure(record: RunRecord, settings: Settings, runs: list[Launched],
+                  starts: list[Future[many.VmStart]]) -> None:
+    results = [start.result() for start in starts]  # a probe's ProbeError comes out here
+    values = {"many.all-running": many.all_running_ms([run.t0 for run in runs],
+                                                      [r.running_ns for r in results])}
+    # Once all ten answer, before anything else is asked of them.
+    accounts = [account_process(run.process.pid, settings.mem_mib * MiB) for run in runs]
+    values["many.overhead-rss"] = many.total_overhead_mib([a.overhead_rss for a in accounts])
+    first = runs[0].t0
+    record.details["vms"] = [
+        {"exec_ms": _ms(first, run.t0), "greeting_ms": _ms(first, result.greeted_ns),
+         "running_ms": _ms(first, result.running_ns), "running_queries": result.queries,
+         "overhead_rss_mib": memory.overhead_rss / MiB}
+        for run, result, memory in zip(runs, results, accounts, strict=True)]
+    # All are told to quit before any exit is awaited: they shut down in parallel.
+    for result in results:
+        result.client.execute("quit")
+    statuses = []
+    for index, run in enumerate(runs):
+        if run.exits.wait(time.monotonic_ns() + 10 * 1_000_000_000) is None:
+            raise ProbeError(f"VM {index} did not exit within 10 s of 'quit'")
+        statuses.append(run.process.wait(timeout=10))
+    record.details["exit_statuses"] = statuses
+    if any(statuses):
+        raise ProbeError(f"exit statuses after 'quit': {statuses}")
+    record.values.update(values)
+
+
 def _alive_check(run: Launched) -> Callable[[], None]:
     """Gives up early once the monitor has exited (no QMP traffic of its own)."""
     def check() -> None:
@@ -649,6 +747,8 @@ def run_kinds(guest: Guest, groups: frozenset[str]) -> list[str]:
         kinds.append("net")
     if "balloon" in groups:
         kinds.append("balloon")
+    if "many" in groups:
+        kinds.append("many")
     return (kinds + [case.metric for case in block_cases(guest, groups)]
             + [workload.metric for workload in frame_workloads(guest, groups)])
 
@@ -676,7 +776,7 @@ def metric_reps(names: list[str], settings: Settings, reps: int) -> dict[str, in
 
 def expected_metrics(guest: Guest, groups: frozenset[str]) -> list[str]:
     """The metric names this guest and group selection produce, in table order."""
-    names = ["start.qmp-greeting"]
+    names = ["start.qmp-greeting", "start.query-running"]
     names += (["boot.first-byte", "boot.hello", "boot.exit"] if guest.name == "svtest"
               else ["boot.first-byte", "boot.run-init", "boot.userspace"])
     names += ["memory.overhead-rss", "memory.overhead-pss",
@@ -686,7 +786,10 @@ def expected_metrics(guest: Guest, groups: frozenset[str]) -> list[str]:
         names += LINUX_NET_METRICS
     if "balloon" in groups:
         names += BALLOON_METRICS
-    return (names + [case.metric for case in block_cases(guest, groups)]
+    if "many" in groups:
+        names += MANY_METRICS
+    cases = block_cases(guest, groups)
+    return (names + [case.metric for case in cases] + [case.cpu_metric for case in cases]
             + [workload.metric for workload in frame_workloads(guest, groups)])
 
 
@@ -723,6 +826,9 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
                 elif kind == "net":
                     argv = (monitor.command(guest, guest.session_cmdline, qmp_path, settings)
                             + monitor.nic(net.TAP))
+                elif kind == "many":
+                    vms = many_vms(monitor, guest, settings, workdir, pair)
+                    argv = vms[0][0]
                 elif kind == "balloon":
                     plan = settings.balloon_plan
                     sized = dataclasses.replace(settings, mem_mib=plan.mem_mib)
@@ -742,6 +848,8 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
                     elif kind == "net":
                         run_net_linux(record, monitor, guest, qmp_path, workdir,
                                       settings.net_plan)
+                    elif kind == "many":
+                        run_many(record, monitor, guest, settings, vms, workdir)
                     elif kind == "balloon":
                         run_balloon(record, monitor, guest, settings.balloon_plan, qmp_path,
                                     workdir)

@@ -9,11 +9,18 @@ itself (`host_cmdline_additions`).  The monitor is started the way a user starts
 it: running, not paused with -S, so the guest boots while the monitor is still
 getting its QMP socket ready.
 
-start  (ms, lower is better)
-    exec -> the complete QMP greeting line received on the QMP socket.  The
-    harness tries to connect to the socket path every millisecond until the
-    connection succeeds, then reads the greeting.  The guest is idle-bound
-    (svtest `halt-loop`, or Linux) in this run.
+start  (ms, lower is better), in the session run; the guest is idle-bound
+    (svtest `halt-loop`, or Linux).
+      start.qmp-greeting   exec -> the complete QMP greeting line received on the
+          QMP socket.  The harness tries to connect to the socket path every
+          millisecond until the connection succeeds, then reads the greeting.
+      start.query-running  exec -> the reply to the first `query-status` that
+          says `"running": true`.  After the greeting: `qmp_capabilities`, then
+          `query-status`; while the answer is `prelaunch` (a monitor that reports
+          running only once its vCPUs run), the next goes 1 ms after the reply
+          (`wait_running`).  QEMU without -S is running as soon as it answers
+          commands, which it does only once its main loop runs, later than its
+          greeting.  Any other status fails the run.
 
 boot   (ms, lower is better), read from the serial console through a pipe; a
     marker's time is when the pipe read that completes it returns.
@@ -39,7 +46,7 @@ memory (MiB, lower is better)
     all threads; see `benchmarks.smaps` for how the RAM mapping is found):
       memory.overhead-rss  Rss of all mappings minus Rss of the guest-RAM mapping(s);
       memory.overhead-pss  the same with Pss (shared pages divided among sharers).
-    Taken before any QMP command other than the greeting.
+    Taken before any QMP command other than qmp_capabilities and query-status.
 
 qmp, over the one connection opened for `start`, after `qmp_capabilities`
 (QEMU refuses commands without it; ours accepts it):
@@ -79,8 +86,19 @@ block  (svtest only; IOPS or MiB/s, HIGHER is better)
       block.randwrite-4k-qd1.*   (IOPS): 4 KiB requests, requests / time;
       block.seqread-128k-qd16.*, block.seqwrite-128k-qd16.*  (MiB/s): 128 KiB
           requests from block 0 on, wrapping at the end; bytes / time / 2^20.
-    Request counts (`BLOCK_WORKLOADS`) make a run last >= 0.2 s on the faster
-    monitor here.  A run fails (it is reported, not dropped) when the output has
+    Request counts (`BLOCK_WORKLOADS`) make a run last ~0.8 s or more here.
+    block.cpu-<workload>.<cache>  (ms per 1000 requests, lower is better): in
+      the same run and window, the monitor process's CPU time (utime + stime,
+      /proc/PID/stat fields 14 and 15: every thread, exited ones included),
+      sampled on the serial reader's thread right after the read completing
+      the start line and right after the read bringing the next byte
+      (`benchmarks.cpu`), divided by the requests and multiplied by 1000.  The
+      kernel gives the times in clock ticks (SC_CLK_TCK = 100 here), each
+      sample truncated to 10 ms: the counts are sized so that a window holds
+      ~100 ticks or more (~1 %).  It includes the vCPU thread, which on this
+      host runs the guest's polling loop in KVM's instruction emulator (system
+      time) all through the window; the JSON keeps each thread's ticks.
+    A run fails (it is reported, not dropped) when the output has
     a `blk-bench FAIL` line, no `blk-bench done` line right after the start
     line, errors= other than 0, requests= other than the start line's count, or
     the monitor does not exit with status 0 after the guest's reset.
@@ -156,6 +174,20 @@ balloon  (virtio-balloon inflate; code in `benchmarks.balloon`)
     svtest runs also check the guest's lines: exactly (boot - TARGET) / 4 KiB
     pages inflated, and every page it kept still holds its pattern (`balloon
     intact ... bad=0`); otherwise the run fails.  Then `quit`.
+
+many  (ten VMs at once; `benchmarks.many`)
+    Ten monitors of the same kind, the session run's guest and command line
+    (svtest `halt-loop`, or Linux), -m and -smp, each with its own QMP socket
+    and serial pipe, exec'd one after the other as fast as the harness can;
+    each VM's probe starts on a thread of its own right after its exec, as in
+    start.query-running: connect as soon as the socket accepts, greeting,
+    qmp_capabilities, query-status until running.
+      many.all-running   (ms, lower is better): the first exec -> the last of
+          the ten `running` replies.
+      many.overhead-rss  (MiB, lower is better): once all ten have answered,
+          the sum of their memory.overhead-rss (smaps, the same definition).
+    Then all ten get `quit` and must exit with status 0; whatever happens, all
+    ten are killed at the end of the run.
 """
 
 from __future__ import annotations
@@ -193,6 +225,8 @@ class MetricInfo:
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("start.qmp-greeting", "start", "ms", "lower", "exec -> QMP greeting"),
+    MetricInfo("start.query-running", "start", "ms", "lower",
+               "exec -> query-status running"),
     MetricInfo("boot.first-byte", "boot", "ms", "lower", "exec -> first serial byte"),
     MetricInfo("boot.hello", "boot", "ms", "lower", "exec -> 'svtest: hello'"),
     MetricInfo("boot.exit", "boot", "ms", "lower", "exec -> exit after reset"),
@@ -204,7 +238,7 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("qmp.latency-p99", "qmp", "us", "lower", "query-status p99"),
     MetricInfo("qmp.throughput", "qmp", "cmd/s", "higher", "pipelined query-status"),
 )}
-GROUPS = ("start", "boot", "memory", "qmp", "block", "net", "balloon")
+GROUPS = ("start", "boot", "memory", "qmp", "block", "net", "balloon", "many")
 MiB = 1 << 20
 
 
@@ -225,17 +259,21 @@ class BlockWorkload:
                 f"svtest.qd={self.qd} svtest.count={self.count} svtest.irq=0")
 
 
-# Counts: about 0.3 s on the faster monitor here, where the best runs reach
-# 23 k IOPS at qd 16, 10 k at qd 1 and 2.4 GiB/s sequential (page cache); > 0.2 s
-# keeps the ~1 ms of serial and pipe latency at each end below 1 %.
+# Counts: about 0.8-1.2 s on the faster monitor here, where the best runs reach
+# 23 k IOPS at qd 16, 10 k at qd 1 and 2.4 GiB/s sequential (page cache).  The
+# block.cpu-* figures need that length: the monitor's CPU time comes in 10 ms
+# clock ticks, and a window holds ~100 of them or more (the IOPS alone would do
+# with 0.2 s, which keeps the ~1 ms of serial latency at each end below 1 %).
 BLOCK_WORKLOADS = (
-    BlockWorkload("randread-4k-qd16", "randread", 4096, 16, 8000),
-    BlockWorkload("randread-4k-qd1", "randread", 4096, 1, 3000),
-    BlockWorkload("randwrite-4k-qd16", "randwrite", 4096, 16, 6000),
-    BlockWorkload("randwrite-4k-qd1", "randwrite", 4096, 1, 2500),
-    BlockWorkload("seqread-128k-qd16", "seqread", 128 * 1024, 16, 6000),
-    BlockWorkload("seqwrite-128k-qd16", "seqwrite", 128 * 1024, 16, 6000),
+    BlockWorkload("randread-4k-qd16", "randread", 4096, 16, 24000),
+    BlockWorkload("randread-4k-qd1", "randread", 4096, 1, 9000),
+    BlockWorkload("randwrite-4k-qd16", "randwrite", 4096, 16, 18000),
+    BlockWorkload("randwrite-4k-qd1", "randwrite", 4096, 1, 7500),
+    BlockWorkload("seqread-128k-qd16", "seqread", 128 * 1024, 16, 18000),
+    BlockWorkload("seqwrite-128k-qd16", "seqwrite", 128 * 1024, 16, 18000),
 )
+# The block.cpu-* metrics: ms of the monitor's CPU time per 1000 requests.
+CPU_UNIT = "ms/1k req"
 # Cache mode -> direct (O_DIRECT) or not.
 BLOCK_CACHES = {"buffered": False, "direct": True}
 
@@ -250,6 +288,11 @@ class BlockCase:
         return f"block.{self.workload.name}.{self.cache}"
 
     @property
+    def cpu_metric(self) -> str:
+        """The monitor's CPU time per 1000 requests, taken in the same run."""
+        return f"block.cpu-{self.workload.name}.{self.cache}"
+
+    @property
     def direct(self) -> bool:
         return BLOCK_CACHES[self.cache]
 
@@ -261,6 +304,9 @@ METRICS.update({case.metric: MetricInfo(
     case.metric, "block", case.workload.unit, "higher",
     f"{case.workload.mode} {case.workload.bs // 1024}K qd{case.workload.qd}"
     f"{' O_DIRECT' if case.direct else ' page cache'}") for case in BLOCK_CASES})
+METRICS.update({case.cpu_metric: MetricInfo(
+    case.cpu_metric, "block", CPU_UNIT, "lower", f"monitor CPU, {METRICS[case.metric].label}")
+    for case in BLOCK_CASES})
 
 
 @dataclass(frozen=True)
@@ -308,16 +354,34 @@ METRICS.update({m.name: m for m in (
 )})
 
 
+MANY_VMS = 10
+MANY_METRICS = ("many.all-running", "many.overhead-rss")
+METRICS.update({m.name: m for m in (
+    MetricInfo("many.all-running", "many", "ms", "lower",
+               f"first exec -> all {MANY_VMS} query-status running"),
+    MetricInfo("many.overhead-rss", "many", "MiB", "lower",
+               f"sum of {MANY_VMS} RSS outside guest RAM"),
+)})
+
+
 class ProbeError(RuntimeError):
     """A probe gave up: timeout, the monitor died, or a wrong answer."""
+
+
+# (output so far, its length before this read, the read's arrival time in ns)
+ReadHook = Callable[[bytearray, int, int], None]
 
 
 class SerialWatcher:
     """Reads a monitor's serial output from a pipe on a thread, timestamping markers."""
 
-    def __init__(self, fd: int, markers: dict[str, bytes]) -> None:
+    def __init__(self, fd: int, markers: dict[str, bytes],
+                 on_read: ReadHook | None = None) -> None:
         self._fd = fd
         self._markers = markers
+        # Called on the reader thread after each read, outside the lock: it must be
+        # quick, as the next read's arrival time waits for it.
+        self._on_read = on_read
         self.data = bytearray()
         self.first_byte_ns: int | None = None
         self.marker_ns: dict[str, int] = {}
@@ -355,6 +419,9 @@ class SerialWatcher:
                     if self.data.find(marker, max(0, searched_to - len(marker) + 1)) >= 0:
                         self.marker_ns[name] = now
                 self._changed.notify_all()
+            if self._on_read is not None:
+                # Only this thread appends to data, so it may read it unlocked.
+                self._on_read(self.data, searched_to, now)
 
     def wait_for(self, name: str, deadline_ns: int, check: Any = None) -> int:
         """Time the marker was seen; ProbeError on EOF or timeout.
@@ -508,6 +575,37 @@ def connect_qmp(path: Path, deadline_ns: int, alive: Any) -> tuple[int, QmpClien
         client.close()
         raise ProbeError(f"not a QMP greeting: {line!r}")
     return now, client
+
+
+# How often `wait_running` asks: as often as `connect_qmp` tries the socket.
+RUNNING_POLL_S = 0.001
+
+
+def wait_running(client: QmpClient, deadline_ns: int, alive: Callable[[], bool],
+                 interval_s: float = RUNNING_POLL_S) -> tuple[int, int]:
+    """`query-status` until it answers `"running": true`: (that reply's arrival, queries).
+
+    A monitor still getting its vCPUs ready answers another status (`prelaunch`);
+    the next query goes `interval_s` after each such reply, so the time is late by
+    at most that plus one round trip.  Any other status cannot become running on
+    its own (paused, shutdown, internal-error): a ProbeError at once.
+    """
+    queries = 0
+    while True:
+        remaining = (deadline_ns - time.monotonic_ns()) / 1e9
+        if remaining <= 0:
+            raise ProbeError(f"query-status did not say running in time ({queries} queries)")
+        reply = client.execute("query-status", timeout=remaining)
+        answered = time.monotonic_ns()
+        queries += 1
+        status = reply["return"]
+        if status.get("running") is True:
+            return answered, queries
+        if status.get("status") != "prelaunch":
+            raise ProbeError(f"query-status answered {status} before running")
+        if not alive():
+            raise ProbeError("monitor exited before query-status said running")
+        time.sleep(interval_s)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import REPO, RunRecord, samples_by_pair
-from benchmarks.metrics import METRICS
+from benchmarks.metrics import CPU_UNIT, METRICS
 from benchmarks.stats import Summary, ratio_summary, summarize
 
 KVM_MODULES = ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm")
@@ -132,6 +132,9 @@ def format_table(rows: list[dict[str, Any]], monitors: list[str], reps: int) -> 
         if higher:
             text.append(f"for rates ({', '.join(higher)}, higher is better), > 1 means ours "
                         "does more per second.")
+        if any(row["unit"] == CPU_UNIT for row in rows):
+            text.append(f"for the monitor's CPU time per 1000 requests ({CPU_UNIT}), < 1 means "
+                        "ours used less CPU.")
         if any(row["better"] == "higher" and row["unit"] == "MiB" for row in rows):
             # balloon.rss-drop: memory given back, where more is better.
             text.append("for memory given back (MiB, higher is better), > 1 means ours "

@@ -552,11 +552,13 @@ def test_block_runs_take_the_first_block_reps_pairs(monkeypatch, tmp_path):
     assert f"id=d0,file={image},format=raw,if=none,cache=writeback" in block[1].argv
 
     names = harness.expected_metrics(guest, settings.groups)
-    assert names == ["start.qmp-greeting", *(case.metric for case in BLOCK_CASES)]
+    assert names == ["start.qmp-greeting", "start.query-running",
+                     *(case.metric for case in BLOCK_CASES),
+                     *(case.cpu_metric for case in BLOCK_CASES)]
     reps = harness.metric_reps(names, settings, 4)
     assert reps["start.qmp-greeting"] == 4 and reps[BLOCK_CASES[0].metric] == 2
     rows = metric_rows(records, names, ["ours", "qemu"], 4, reps)
-    first = rows[1]
+    first = rows[2]
     assert first["reps"] == 2
     assert first["samples"] == {"ours": [100.0, 101.0], "qemu": [100.0, None]}
     assert first["ratio_ours_over_qemu"]["n"] == 1
