@@ -12,7 +12,7 @@ from cffi import FFI
 
 DATAPLANE = Path(__file__).resolve().parent / "dataplane"
 SOURCES = ["virtqueue.c", "virtio_device.c", "iothread.c", "virtio_blk.c", "virtio_net.c",
-           "virtio_balloon.c", "vcpu_fastpath.c"]
+           "virtio_balloon.c", "vcpu_fastpath.c", "virtio_console.c"]
 
 CDEF = """
 struct iovec { void *iov_base; size_t iov_len; };
@@ -247,6 +247,66 @@ void svpy_balloon_start(struct svpy_balloon *balloon);
 void svpy_balloon_stop(struct svpy_balloon *balloon);
 int svpy_balloon_request_stats(struct svpy_balloon *balloon);
 void svpy_balloon_destroy(struct svpy_balloon *balloon);
+
+/* virtio-console (virtio_console.h) */
+#define SVPY_CONSOLE_MAX_PORTS ...
+#define SVPY_CONSOLE_MAX_QUEUES ...
+#define SVPY_CONSOLE_OUT_BYTES ...
+#define SVPY_CONSOLE_IN_BYTES ...
+#define SVPY_CONSOLE_NAME_BYTES ...
+#define SVPY_CONSOLE_CTRL_PENDING ...
+#define VIRTIO_CONSOLE_F_MULTIPORT ...
+struct svpy_console_counters {
+    uint64_t tx_bytes;
+    uint64_t written_bytes;
+    uint64_t dropped_bytes;
+    uint64_t rx_bytes;
+    uint64_t write_errors;
+};
+struct svpy_console_port {
+    unsigned nr;
+    uint8_t present;
+    uint8_t is_console;
+    uint8_t keep_when_detached;
+    uint8_t guest_ready;
+    uint8_t guest_open;
+    uint8_t host_open;
+    uint8_t ready;
+    uint8_t is_socket;
+    uint8_t out_watched;
+    int fd;
+    uint32_t out_start;
+    uint32_t out_len;
+    uint32_t in_start;
+    uint32_t in_len;
+    struct svpy_console_counters counters;
+    ...;
+};
+struct svpy_console {
+    struct svpy_device dev;
+    struct svpy_virtqueue vqs[...];
+    unsigned max_nr_ports;
+    uint8_t multiport;
+    uint8_t driver_ready;
+    uint32_t ctrl_len;
+    uint64_t ctrl_dropped;
+    uint64_t ctrl_received;
+    struct svpy_console_port ports[...];
+    ...;
+};
+int svpy_console_init(struct svpy_console *console, const struct svpy_guest_memory *mem,
+                      int irqfd, int error_fd, const int *kick_fds, unsigned max_nr_ports);
+int svpy_console_attach(struct svpy_console *console, struct svpy_iothread *thread);
+int svpy_console_add_port(struct svpy_console *console, unsigned nr, int is_console,
+                          int keep_when_detached, const char *name);
+void svpy_console_start(struct svpy_console *console, int multiport);
+void svpy_console_stop(struct svpy_console *console);
+void svpy_console_port_attach(struct svpy_console *console, unsigned nr, int fd, int is_socket);
+void svpy_console_port_set_ready(struct svpy_console *console, unsigned nr, int ready);
+uint32_t svpy_console_input(struct svpy_console *console, unsigned nr, const uint8_t *data,
+                            uint32_t len);
+unsigned svpy_console_port_queue(unsigned nr, int tx);
+void svpy_console_destroy(struct svpy_console *console);
 """
 
 ffibuilder = FFI()
@@ -255,6 +315,7 @@ ffibuilder.set_source(
     "stratovirt_py._dataplane",
     '#include <sys/uio.h>\n#include "virtio_blk.h"\n#include "virtio_net.h"\n'
     '#include "virtio_balloon.h"\n'
+    '#include "virtio_console.h"\n'
     '#include "vcpu_fastpath.h"\n',
     # setuptools insists on paths relative to the project root.
     sources=[os.path.relpath(DATAPLANE / name) for name in SOURCES],

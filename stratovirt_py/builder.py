@@ -46,6 +46,7 @@ from stratovirt_py.devices.serial import Serial
 from stratovirt_py.devices.virtio.balloon import QUEUES as BALLOON_QUEUES
 from stratovirt_py.devices.virtio.balloon import VirtioBalloon
 from stratovirt_py.devices.virtio.block import VirtioBlock
+from stratovirt_py.devices.virtio.console import VirtioSerial, queue_count
 from stratovirt_py.devices.virtio.dataplane import IoThread, c_guest_memory
 from stratovirt_py.devices.virtio.manager import VirtioMmioManager
 from stratovirt_py.devices.virtio.net import VirtioNet
@@ -103,6 +104,7 @@ class VmBuilder:
         hotplug = Hotplug(self._add_slots(virtio, iothreads), BackendRegistry())
         self._plug_boot_devices(hotplug)
         balloon = self._add_balloon(virtio, memory.total)
+        console = self._add_console(virtio)
 
         kernel = load_kernel(memory, config.kernel or "")
         initrd = load_initrd(memory, config.initrd, kernel) if config.initrd else None
@@ -139,7 +141,7 @@ class VmBuilder:
             chardev=chardev, serial=serial, virtio=virtio, iothreads=list(iothreads.values()),
             hotplug=hotplug,
             cmdline=cmdline, fastpath=fastpath, console_fastpath=console_fastpath,
-            balloon=balloon))
+            balloon=balloon, console=console))
         log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
                  config.topology.cpus, config.memory_size >> 20, config.kernel, cmdline)
 
@@ -188,6 +190,24 @@ class VmBuilder:
                                queues=BALLOON_QUEUES)
         balloon.attach(transport.device, transport.notify_config_change)
         return balloon
+
+    # --- virtio-console ---
+
+    def _add_console(self, virtio: VirtioMmioManager) -> VirtioSerial | None:
+        """The virtio-serial device (after the balloon), if the configuration has one."""
+        config = self.config.virtio_serial
+        if config is None:
+            return None
+        console = VirtioSerial(config)
+        max_nr_ports = max((port.nr for port in config.ports), default=0) + 1
+        try:
+            virtio.add(console.make_device, queues=queue_count(max_nr_ports))
+        except Exception:
+            console.close()
+            raise
+        return console
+
+    # --- end virtio-console ---
 
     def _plug_boot_devices(self, hotplug: Hotplug) -> None:
         for disk in self.config.disks:

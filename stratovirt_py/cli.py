@@ -10,14 +10,18 @@ from dataclasses import dataclass, field
 from stratovirt_py import __version__
 from stratovirt_py.config import (
     BalloonConfig,
+    ChardevConfig,
+    ConsolePortConfig,
     CpuTopology,
     DiskConfig,
     DriveConfig,
     MachineConfig,
     NetdevConfig,
     NicConfig,
+    VirtioSerialConfig,
     check_memory_size,
     parse_bool,
+    parse_chardev,
     parse_int,
     parse_mac,
     parse_qmp_socket,
@@ -42,6 +46,9 @@ usage: stratovirt-py [options]
   -device virtio-blk-device,drive=ID,id=DEV[,iothread=IO] | virtio-net-device,netdev=ID,id=DEV
           [,mac=M][,iothread=IO]
           | virtio-balloon-device[,id=ID][,deflate-on-oom=on|off][,free-page-reporting=on|off]
+          | virtio-serial-device[,id=ID] | virtconsole,id=ID,chardev=CID[,nr=0]
+          | virtserialport,id=ID,chardev=CID,nr=N[,name=NAME]
+  -chardev socket,id=CID,path=P,server,nowait | stdio,id=CID | file,id=CID,path=P
   -netdev tap,id=ID,ifname=TAP|fd=N
   -object iothread,id=ID    an I/O thread for the devices that give iothread=ID
   -config FILE.json         legacy JSON configuration (command-line values win)
@@ -71,6 +78,9 @@ class _Builder:
     iothreads: list[str] = field(default_factory=list)
     qmp_sockets: list[str] = field(default_factory=list)
     config_file: str | None = None
+    # virtio-console
+    chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
+    virtio_serial: VirtioSerialConfig | None = None
 
 
 def parse_machine(text: str, builder: _Builder) -> None:
@@ -185,8 +195,64 @@ def parse_device(text: str, builder: _Builder) -> None:
             free_page_reporting=parse_bool(options.get("free-page-reporting", "off"),
                                            "free-page-reporting"),
         )
+    elif driver in CONSOLE_DRIVERS:
+        parse_console_device(driver, options, builder)
     else:
         raise ConfigError(f"unsupported -device '{driver}'")
+
+
+# --- virtio-console ---
+
+CONSOLE_DRIVERS = ("virtio-serial-device", "virtio-serial-mmio", "virtconsole", "virtserialport")
+
+
+def parse_console_device(driver: str, options: dict[str, str], builder: _Builder) -> None:
+    """virtio-serial-device (one), then its virtconsole (nr 0) and virtserialports (nr >= 1)."""
+    if driver in ("virtio-serial-device", "virtio-serial-mmio"):
+        reject_unknown(options, {"id"}, "-device")
+        if builder.virtio_serial is not None:
+            raise ConfigError("only one virtio-serial device is supported")
+        builder.virtio_serial = VirtioSerialConfig(id=options.get("id") or "virtio-serial0")
+        return
+    reject_unknown(options, {"id", "chardev", "nr", "name"}, "-device")
+    if builder.virtio_serial is None:
+        raise ConfigError(f"invalid -device {driver}: no virtio-serial device (give -device "
+                          "virtio-serial-device before it)")
+    if not options.get("id"):
+        raise ConfigError(f"invalid -device {driver}: 'id' is required")
+    chardev = builder.chardevs.get(options.get("chardev", ""))
+    if chardev is None:
+        raise ConfigError(f"invalid -device {driver}: no -chardev with id "
+                          f"'{options.get('chardev', '')}' (give -chardev before -device)")
+    is_console = driver == "virtconsole"
+    if is_console:
+        nr = parse_int(options.get("nr", "0"), f"{driver} nr")
+        if nr != 0:
+            raise ConfigError(f"invalid -device {driver}: the console port is nr=0")
+    else:
+        if "nr" not in options:
+            raise ConfigError(f"invalid -device {driver}: nr=<1..> is required")
+        nr = parse_int(options["nr"], f"{driver} nr")
+        if nr < 1:
+            raise ConfigError(f"invalid -device {driver}: nr must be at least 1 (0 is the "
+                              "console port)")
+    taken = [port for port in builder.virtio_serial.ports if port.nr == nr]
+    if taken:
+        raise ConfigError(f"invalid -device {driver}: nr={nr} is already taken by "
+                          f"'{taken[0].id}'")
+    port = ConsolePortConfig(id=options["id"], chardev=chardev, nr=nr,
+                             name=options.get("name") or None, is_console=is_console)
+    builder.virtio_serial = dataclasses.replace(
+        builder.virtio_serial, ports=(*builder.virtio_serial.ports, port))
+
+
+def _add_chardev(value: str, builder: _Builder) -> None:
+    chardev = parse_chardev(value)
+    if chardev.id in builder.chardevs:
+        raise ConfigError(f"-chardev id '{chardev.id}' is used twice")
+    builder.chardevs[chardev.id] = chardev
+
+# --- end virtio-console ---
 
 
 def _set(key: str, convert: Callable[[str], object] = str) -> Callable[[str, _Builder], None]:
@@ -250,6 +316,7 @@ OPTIONS_WITH_VALUE: dict[str, Callable[[str, _Builder], None]] = {
     "-device": parse_device,
     "-pidfile": _set("pidfile"),
     "-config": _set_config_file,
+    "-chardev": _add_chardev,
 }
 FLAGS = {"-daemonize": "daemonize", "-S": "freeze", "-freeze": "freeze"}
 
@@ -301,6 +368,8 @@ def _finish(builder: _Builder) -> MachineConfig:
         overrides["qmp_sockets"] = tuple(builder.qmp_sockets)
     if builder.iothreads:
         overrides["iothreads"] = tuple(builder.iothreads)
+    if builder.virtio_serial is not None:
+        overrides["virtio_serial"] = builder.virtio_serial
     return dataclasses.replace(base, **overrides).validate()  # type: ignore[arg-type]
 
 

@@ -268,6 +268,77 @@ class BalloonConfig:
     free_page_reporting: bool = False
 
 
+# --- virtio-console: -chardev, virtio-serial-device, virtconsole, virtserialport ---
+
+MAX_CONSOLE_PORTS = 3  # ports 0..2: the C data plane's SVPY_CONSOLE_MAX_PORTS
+
+
+@dataclass(frozen=True)
+class ChardevConfig:
+    id: str
+    kind: SerialKind
+    path: str | None = None
+
+
+def parse_chardev(text: str) -> ChardevConfig:
+    """`-chardev socket,id=ID,path=P,server,nowait | stdio,id=ID | file,id=ID,path=P`.
+
+    Kept to this one function: a general -chardev (pty, -serial chardev:ID) may replace it.
+    """
+    options = split_options(text, "-chardev", positional="backend")
+    backend = options.pop("backend", "")
+    if not options.get("id"):
+        raise ConfigError("invalid -chardev: 'id' is required")
+    if backend == "stdio":
+        reject_unknown(options, {"id"}, "-chardev stdio")
+        return ChardevConfig(options["id"], SerialKind.STDIO)
+    if backend == "file":
+        reject_unknown(options, {"id", "path"}, "-chardev file")
+        if not options.get("path"):
+            raise ConfigError("invalid -chardev file: path=<file> is required")
+        return ChardevConfig(options["id"], SerialKind.FILE, options["path"])
+    if backend == "socket":
+        reject_unknown(options, {"id", "path", "server", "nowait"}, "-chardev socket")
+        if not options.get("path"):
+            raise ConfigError("invalid -chardev socket: path=<unix socket path> is required")
+        if "server" not in options or "nowait" not in options:
+            raise ConfigError("invalid -chardev socket: only 'server,nowait' sockets are "
+                              "supported")
+        return ChardevConfig(options["id"], SerialKind.SOCKET, options["path"])
+    raise ConfigError(f"invalid -chardev: unsupported backend '{backend}' "
+                      "(socket, stdio or file)")
+
+
+@dataclass(frozen=True)
+class ConsolePortConfig:
+    id: str
+    chardev: ChardevConfig
+    nr: int  # 0 is the console port (virtconsole); others are virtserialports
+    name: str | None = None  # /sys/class/virtio-ports/vportXpN/name in the guest
+    is_console: bool = False
+
+
+@dataclass(frozen=True)
+class VirtioSerialConfig:
+    id: str = "virtio-serial0"
+    ports: tuple[ConsolePortConfig, ...] = ()
+
+    def validate(self) -> None:
+        numbers = [port.nr for port in self.ports]
+        for port in self.ports:
+            if not 0 <= port.nr < MAX_CONSOLE_PORTS:
+                raise ConfigError(f"port '{port.id}': nr={port.nr} is out of range "
+                                  f"(0..{MAX_CONSOLE_PORTS - 1})")
+            if numbers.count(port.nr) > 1:
+                raise ConfigError(f"port '{port.id}': nr={port.nr} is already taken")
+        chardevs = [port.chardev.id for port in self.ports]
+        for port in self.ports:
+            if chardevs.count(port.chardev.id) > 1:
+                raise ConfigError(f"chardev '{port.chardev.id}' is used by two ports")
+
+# --- end virtio-console ---
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     name: str = "stratovirt-py"
@@ -283,6 +354,7 @@ class MachineConfig:
     iothreads: tuple[str, ...] = ()  # -object iothread,id=ID: I/O threads of their own
     nics: tuple[NicConfig, ...] = ()
     balloon: BalloonConfig | None = None
+    virtio_serial: VirtioSerialConfig | None = None  # virtio-console
     log_file: str | None = None
     log_to_stderr: bool = False
     daemonize: bool = False
@@ -297,6 +369,7 @@ class MachineConfig:
             raise ConfigError("-pidfile must be used with -daemonize together")
         if self.daemonize and self.serial.kind is SerialKind.STDIO:
             raise ConfigError("-serial stdio cannot be used with -daemonize")
+        self._validate_console()
         if len(self.disks) > MAX_DISKS:
             raise ConfigError(f"at most {MAX_DISKS} virtio-blk disks are supported")
         if len(self.nics) > MAX_NICS:
@@ -322,12 +395,29 @@ class MachineConfig:
         check_memory_size(self.memory_size)
         return self
 
+    def _validate_console(self) -> None:
+        if self.virtio_serial is None:
+            return
+        self.virtio_serial.validate()
+        stdio = [port for port in self.virtio_serial.ports
+                 if port.chardev.kind is SerialKind.STDIO]
+        if stdio and self.daemonize:
+            raise ConfigError("-chardev stdio cannot be used with -daemonize")
+        if stdio and self.serial.kind is SerialKind.STDIO:
+            raise ConfigError(f"chardev '{stdio[0].chardev.id}': stdio is already the -serial "
+                              "console")
+
+    def _console_paths(self) -> list[tuple[str, str | None]]:
+        ports = self.virtio_serial.ports if self.virtio_serial else ()
+        return [(f"chardev '{port.chardev.id}'", port.chardev.path) for port in ports]
+
     def _paths(self) -> list[tuple[str, str]]:
         """(what, path) for every host path in the configuration."""
         paths = [("kernel", self.kernel), ("initrd", self.initrd), ("serial", self.serial.path),
                  ("log file", self.log_file), ("pid file", self.pidfile)]
         paths += [("QMP socket", path) for path in self.qmp_sockets]
         paths += [(f"drive '{disk.drive.id}'", disk.drive.path) for disk in self.disks]
+        paths += self._console_paths()
         return [(what, path) for what, path in paths if path is not None]
 
     def with_absolute_paths(self) -> MachineConfig:
@@ -349,4 +439,13 @@ class MachineConfig:
                 disk.drive, path=os.path.abspath(disk.drive.path))) for disk in self.disks),
             log_file=absolute(self.log_file),
             pidfile=absolute(self.pidfile),
+            virtio_serial=self._console_with_absolute_paths(),
         )
+
+    def _console_with_absolute_paths(self) -> VirtioSerialConfig | None:
+        if self.virtio_serial is None:
+            return None
+        ports = tuple(dataclasses.replace(port, chardev=dataclasses.replace(
+            port.chardev, path=port.chardev.path and os.path.abspath(port.chardev.path)))
+            for port in self.virtio_serial.ports)
+        return dataclasses.replace(self.virtio_serial, ports=ports)

@@ -22,6 +22,7 @@ from stratovirt_py.devices.bus import Bus
 from stratovirt_py.devices.chardev import Chardev
 from stratovirt_py.devices.console_fastpath import ConsoleFastPath
 from stratovirt_py.devices.serial import Serial
+from stratovirt_py.devices.virtio.console import VirtioSerial
 from stratovirt_py.devices.virtio.dataplane import IoThread
 from stratovirt_py.devices.virtio.manager import VirtioMmioManager
 from stratovirt_py.devices.virtio.mmio import drain_eventfd
@@ -68,6 +69,7 @@ class Hardware:
     fastpath: Any  # struct svpy_mmio_fastpath: exits the vCPU loop answers in C
     console_fastpath: ConsoleFastPath  # the UART structs it points to (kept alive here)
     balloon: Balloon | None = None
+    console: VirtioSerial | None = None  # virtio-console ports and their chardevs
 
     def exit_counts(self) -> dict[str, int]:
         """vCPU exits answered in C and those that reached Python; console bytes C wrote."""
@@ -119,6 +121,8 @@ class MicroVM:
         for thread in self.vcpu_threads:
             thread.start(paused=paused)
         hardware.chardev.start(hardware.serial.feed_input, self.request_quit_from_console)
+        if hardware.console is not None:
+            hardware.console.start(self.request_quit_from_console)
         self._loop.add_reader(hardware.virtio.error_fd, hardware.virtio.on_data_plane_error)
         for iothread in hardware.iothreads:
             self._loop.add_reader(iothread.failure_fd, self._on_iothread_failure, iothread)
@@ -257,3 +261,5 @@ class MicroVM:
         hardware.hotplug.close()
         hardware.virtio.close()
         hardware.chardev.close()
+        if hardware.console is not None:
+            hardware.console.close()

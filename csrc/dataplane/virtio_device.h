@@ -18,7 +18,7 @@
 #include "guest_memory.h"
 #include "iothread.h"
 
-#define SVPY_MAX_QUEUES 4
+#define SVPY_MAX_QUEUES 8 /* virtio-console: 2 per port and 2 for control */
 
 #define SVPY_INT_VRING 1u
 #define SVPY_INT_CONFIG 2u
