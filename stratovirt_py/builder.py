@@ -39,7 +39,7 @@ from stratovirt_py.backends import BackendRegistry
 from stratovirt_py.balloon import Balloon
 from stratovirt_py.config import MAX_DISKS, MAX_NICS
 from stratovirt_py.devices.bus import Bus
-from stratovirt_py.devices.chardev import create_chardev
+from stratovirt_py.devices.chardev import Chardev, create_chardev
 from stratovirt_py.devices.console_fastpath import ConsoleFastPath
 from stratovirt_py.devices.i8042 import I8042
 from stratovirt_py.devices.serial import Serial
@@ -117,7 +117,8 @@ class VmBuilder:
         write_boot_tables(memory)
 
         pio_bus = Bus("port I/O")
-        chardev = create_chardev(config.serial)
+        chardevs = self._create_chardevs()
+        chardev = chardevs[config.serial_backend().id]
         # Line status reads and plain transmits (one each per byte a console
         # writes) are answered in C, the bytes written there to the backend.
         console_fastpath = ConsoleFastPath(layout.SERIAL_PORT_BASE)
@@ -136,12 +137,28 @@ class VmBuilder:
         vcpus = self._create_vcpus(kvm, vm, kernel)
         self.machine.install(Hardware(
             kvm=kvm, vm=vm, memory=memory, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
-            chardev=chardev, serial=serial, virtio=virtio, iothreads=list(iothreads.values()),
+            chardev=chardev, chardevs=list(chardevs.values()), serial=serial, virtio=virtio,
+            iothreads=list(iothreads.values()),
             hotplug=hotplug,
             cmdline=cmdline, fastpath=fastpath, console_fastpath=console_fastpath,
             balloon=balloon))
         log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
                  config.topology.cpus, config.memory_size >> 20, config.kernel, cmdline)
+
+    def _create_chardevs(self) -> dict[str, Chardev]:
+        """Every -chardev, and -serial's own backend unless it names one; by label."""
+        configs = list(self.config.chardevs)
+        if self.config.serial.chardev is None:
+            configs.insert(0, self.config.serial_backend())
+        chardevs: dict[str, Chardev] = {}
+        try:
+            for chardev_config in configs:
+                chardevs[chardev_config.id] = create_chardev(chardev_config)
+        except BaseException:
+            for chardev in chardevs.values():  # sockets made so far are removed again
+                chardev.close()
+            raise
+        return chardevs
 
     @staticmethod
     def _open_kvm() -> Kvm:

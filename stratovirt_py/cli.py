@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from stratovirt_py import __version__
 from stratovirt_py.config import (
     BalloonConfig,
+    ChardevConfig,
     CpuTopology,
     DiskConfig,
     DriveConfig,
@@ -18,6 +19,7 @@ from stratovirt_py.config import (
     NicConfig,
     check_memory_size,
     parse_bool,
+    parse_chardev,
     parse_int,
     parse_mac,
     parse_qmp_socket,
@@ -36,7 +38,8 @@ usage: stratovirt-py [options]
   -kernel PATH              guest kernel: uncompressed ELF vmlinux or bzImage
   -append CMDLINE           guest kernel command line
   -initrd PATH              initial ramdisk
-  -serial stdio|file,path=P|socket,path=P,server,nowait|none
+  -serial stdio|pty|file,path=P|socket,path=P,server,nowait|chardev:ID|none
+  -chardev stdio|pty|file|socket,id=ID[,path=P][,server,nowait]   a named backend
   -qmp unix:PATH,server,nowait   QMP socket (may be repeated); also -api-channel unix:PATH
   -drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S]
   -device virtio-blk-device,drive=ID,id=DEV[,iothread=IO] | virtio-net-device,netdev=ID,id=DEV
@@ -70,6 +73,7 @@ class _Builder:
     nics: list[NicConfig] = field(default_factory=list)
     iothreads: list[str] = field(default_factory=list)
     qmp_sockets: list[str] = field(default_factory=list)
+    chardevs: list[ChardevConfig] = field(default_factory=list)
     config_file: str | None = None
 
 
@@ -228,6 +232,10 @@ def _add_qmp(option: str) -> Callable[[str, _Builder], None]:
     return apply
 
 
+def _add_chardev(value: str, builder: _Builder) -> None:
+    builder.chardevs.append(parse_chardev(value))
+
+
 def _set_config_file(value: str, builder: _Builder) -> None:
     builder.config_file = value
 
@@ -242,6 +250,7 @@ OPTIONS_WITH_VALUE: dict[str, Callable[[str, _Builder], None]] = {
     "-append": _set("cmdline"),
     "-initrd": _set("initrd"),
     "-serial": _set("serial", parse_serial),
+    "-chardev": _add_chardev,
     "-qmp": _add_qmp("-qmp"),
     "-api-channel": _add_qmp("-api-channel"),
     "-drive": _add_drive,
@@ -301,6 +310,8 @@ def _finish(builder: _Builder) -> MachineConfig:
         overrides["qmp_sockets"] = tuple(builder.qmp_sockets)
     if builder.iothreads:
         overrides["iothreads"] = tuple(builder.iothreads)
+    if builder.chardevs:
+        overrides["chardevs"] = tuple(builder.chardevs)
     return dataclasses.replace(base, **overrides).validate()  # type: ignore[arg-type]
 
 

@@ -59,7 +59,8 @@ class Hardware:
     vcpus: list[Vcpu]
     pio_bus: Bus
     mmio_bus: Bus
-    chardev: Chardev
+    chardev: Chardev  # the UART's
+    chardevs: list[Chardev]  # every character backend, the UART's included
     serial: Serial
     virtio: VirtioMmioManager
     iothreads: list[IoThread]  # the shared one first, then one per -object iothread
@@ -177,6 +178,12 @@ class MicroVM:
         await self._hardware().hotplug.detach(device_id)
         self.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})
 
+    def query_chardevs(self) -> list[dict[str, object]]:
+        """query-chardev: every character backend (a -chardev no device uses is not open)."""
+        hardware = self._hardware()
+        return [chardev.describe(frontend_open=chardev is hardware.chardev)
+                for chardev in hardware.chardevs]
+
     def vcpu_thread_ids(self) -> list[int | None]:
         return [thread.thread_id for thread in self.vcpu_threads]
 
@@ -256,4 +263,5 @@ class MicroVM:
             iothread.stop()
         hardware.hotplug.close()
         hardware.virtio.close()
-        hardware.chardev.close()
+        for chardev in hardware.chardevs:
+            chardev.close()
