@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -181,6 +182,8 @@ class Monitor:
     nic: Callable[[str], list[str]]
     # the arguments adding a virtio-balloon (no free page reporting)
     balloon: Callable[[], list[str]]
+    # socket path -> the arguments adding a virtconsole (hvc0) on that unix socket
+    virtconsole: Callable[[Path], list[str]]
     env: dict[str, str] | None = None
 
 
@@ -227,6 +230,18 @@ def qemu_disk(image: Path, direct: bool) -> list[str]:
             "-device", "virtio-blk-device,drive=d0"]
 
 
+def ours_virtconsole(path: Path) -> list[str]:
+    return ["-device", "virtio-serial-device",
+            "-chardev", f"socket,id=hvc,path={path},server,nowait",
+            "-device", "virtconsole,id=con0,chardev=hvc"]
+
+
+def qemu_virtconsole(path: Path) -> list[str]:
+    return ["-global", "virtio-mmio.force-legacy=false", "-device", "virtio-serial-device",
+            "-chardev", f"socket,id=hvc,path={path},server=on,wait=off",
+            "-device", "virtconsole,chardev=hvc"]
+
+
 def ours_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -235,8 +250,10 @@ def ours_env() -> dict[str, str]:
 
 MONITORS = {
     "ours": Monitor("ours", ours_command, ours_disk, net.ours_nic, balloon.ours_balloon,
+                    ours_virtconsole,
                     ours_env()),
     "qemu": Monitor("qemu", qemu_command, qemu_disk, net.qemu_nic, balloon.qemu_balloon,
+                    qemu_virtconsole,
                     None),
 }
 
@@ -352,6 +369,58 @@ def run_boot(record: RunRecord, monitor: Monitor, guest: Guest, workdir: Path) -
             record.error = str(error)
             record.details["serial_tail"] = run.serial.tail()
             record.details["stderr_tail"] = run.stderr_tail()
+
+
+HVC0_MARKERS = {"boot.hvc0-run-init": LINUX_RUN_INIT, "boot.hvc0-userspace": LINUX_USERSPACE}
+
+
+def hvc0_cmdline(guest: Guest) -> str:
+    """The Linux session's command line with its console on hvc0 instead of ttyS0."""
+    return guest.session_cmdline.replace("console=ttyS0", "console=hvc0")
+
+
+def connect_unix(path: Path, deadline_ns: int, alive: Callable[[], bool]) -> socket.socket:
+    """A connection to the unix socket at `path`, retried until it accepts."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        if not alive():
+            raise ProbeError("the monitor exited before its console socket accepted")
+        if time.monotonic_ns() > deadline_ns:
+            raise ProbeError(f"the console socket {path} never accepted")
+        time.sleep(0.002)
+
+
+def run_hvc0(record: RunRecord, monitor: Monitor, guest: Guest, console_path: Path,
+             workdir: Path) -> None:
+    """Linux boot with its console on a virtconsole (hvc0): exec -> markers read there."""
+    stderr_path = workdir / f"{record.monitor}-hvc0-{record.pair}.stderr"
+    with launched(record.argv, monitor.env, {}, stderr_path) as run:
+        console = None
+        watcher = None
+        try:
+            deadline = run.t0 + int(guest.timeout_s * 1e9)
+            console = connect_unix(console_path, deadline, run.alive)
+            watcher = metrics.SerialWatcher(console.fileno(), HVC0_MARKERS)
+            for name in HVC0_MARKERS:
+                record.values[name] = _ms(run.t0, watcher.wait_for(name, deadline,
+                                                                   _alive_check(run)))
+        except (ProbeError, OSError) as error:
+            record.error = str(error)
+            record.details["console_tail"] = watcher.tail() if watcher else ""
+            record.details["stderr_tail"] = run.stderr_tail()
+        finally:
+            if run.process.poll() is None:
+                run.process.kill()
+            if console is not None:
+                console.shutdown(socket.SHUT_RDWR)
+                if watcher is not None:
+                    watcher.join()
+                console.close()
 
 
 def run_session(record: RunRecord, monitor: Monitor, guest: Guest, settings: Settings,
@@ -743,6 +812,8 @@ def run_kinds(guest: Guest, groups: frozenset[str]) -> list[str]:
                                                     else set())
     if groups & session_groups:
         kinds.append("session")
+    if guest.name == "linux" and "boot" in groups:
+        kinds.append("hvc0")
     if guest.name == "linux" and "net" in groups:
         kinds.append("net")
     if "balloon" in groups:
@@ -778,7 +849,8 @@ def expected_metrics(guest: Guest, groups: frozenset[str]) -> list[str]:
     """The metric names this guest and group selection produce, in table order."""
     names = ["start.qmp-greeting", "start.query-running"]
     names += (["boot.first-byte", "boot.hello", "boot.exit"] if guest.name == "svtest"
-              else ["boot.first-byte", "boot.run-init", "boot.userspace"])
+              else ["boot.first-byte", "boot.run-init", "boot.userspace",
+                    *HVC0_MARKERS])
     names += ["memory.overhead-rss", "memory.overhead-pss",
               "qmp.latency-p50", "qmp.latency-p99", "qmp.throughput"]
     names = [n for n in names if metrics.METRICS[n].group in groups]
@@ -826,6 +898,10 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
                 elif kind == "net":
                     argv = (monitor.command(guest, guest.session_cmdline, qmp_path, settings)
                             + monitor.nic(net.TAP))
+                elif kind == "hvc0":
+                    console_path = workdir / f"{monitor.name}-hvc0-{pair}.sock"
+                    argv = (monitor.command(guest, hvc0_cmdline(guest), qmp_path, settings)
+                            + monitor.virtconsole(console_path))
                 elif kind == "many":
                     vms = many_vms(monitor, guest, settings, workdir, pair)
                     argv = vms[0][0]
@@ -848,6 +924,8 @@ def run_pairs(monitors: list[Monitor], guest: Guest, settings: Settings, reps: i
                     elif kind == "net":
                         run_net_linux(record, monitor, guest, qmp_path, workdir,
                                       settings.net_plan)
+                    elif kind == "hvc0":
+                        run_hvc0(record, monitor, guest, console_path, workdir)
                     elif kind == "many":
                         run_many(record, monitor, guest, settings, vms, workdir)
                     elif kind == "balloon":

@@ -38,6 +38,12 @@ boot   (ms, lower is better), read from the serial console through a pipe; a
       boot.run-init    exec -> kernel line `Run /init as init process`;
       boot.userspace   exec -> `stratovirt-py guest: user space ready`, only when
                        the guest's init prints it before the memory sample.
+    linux, a run of its own with `console=hvc0` instead of ttyS0: the console is a
+    virtconsole on a virtio-serial-device, its chardev a unix socket the bench
+    connects to as soon as it accepts (ours keeps what comes before; Linux prints
+    nothing there before its hvc driver is up anyway), markers read from it:
+      boot.hvc0-run-init   exec -> `Run /init as init process` on hvc0;
+      boot.hvc0-userspace  exec -> `stratovirt-py guest: user space ready` on hvc0.
 
 memory (MiB, lower is better)
     With the guest idle (svtest `halt-loop`, `settle` seconds after
@@ -232,6 +238,8 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("boot.exit", "boot", "ms", "lower", "exec -> exit after reset"),
     MetricInfo("boot.run-init", "boot", "ms", "lower", "exec -> 'Run /init'"),
     MetricInfo("boot.userspace", "boot", "ms", "lower", "exec -> user space ready"),
+    MetricInfo("boot.hvc0-run-init", "boot", "ms", "lower", "exec -> 'Run /init' on hvc0"),
+    MetricInfo("boot.hvc0-userspace", "boot", "ms", "lower", "exec -> user space, hvc0"),
     MetricInfo("memory.overhead-rss", "memory", "MiB", "lower", "RSS outside guest RAM"),
     MetricInfo("memory.overhead-pss", "memory", "MiB", "lower", "PSS outside guest RAM"),
     MetricInfo("qmp.latency-p50", "qmp", "us", "lower", "query-status p50"),

@@ -39,7 +39,7 @@ from stratovirt_py.backends import BackendRegistry
 from stratovirt_py.balloon import Balloon
 from stratovirt_py.config import MAX_DISKS, MAX_NICS
 from stratovirt_py.devices.bus import Bus
-from stratovirt_py.devices.chardev import create_chardev
+from stratovirt_py.devices.chardev import Chardev, create_chardev
 from stratovirt_py.devices.console_fastpath import ConsoleFastPath
 from stratovirt_py.devices.i8042 import I8042
 from stratovirt_py.devices.serial import Serial
@@ -104,7 +104,9 @@ class VmBuilder:
         hotplug = Hotplug(self._add_slots(virtio, iothreads), BackendRegistry())
         self._plug_boot_devices(hotplug)
         balloon = self._add_balloon(virtio, memory.total)
-        console = self._add_console(virtio)
+        # Every chardev now: the console's ports use theirs.
+        chardevs = self._create_chardevs()
+        console = self._add_console(virtio, chardevs)
 
         kernel = load_kernel(memory, config.kernel or "")
         initrd = load_initrd(memory, config.initrd, kernel) if config.initrd else None
@@ -119,7 +121,7 @@ class VmBuilder:
         write_boot_tables(memory)
 
         pio_bus = Bus("port I/O")
-        chardev = create_chardev(config.serial)
+        chardev = chardevs[config.serial_backend().id]
         # Line status reads and plain transmits (one each per byte a console
         # writes) are answered in C, the bytes written there to the backend.
         console_fastpath = ConsoleFastPath(layout.SERIAL_PORT_BASE)
@@ -138,12 +140,28 @@ class VmBuilder:
         vcpus = self._create_vcpus(kvm, vm, kernel)
         self.machine.install(Hardware(
             kvm=kvm, vm=vm, memory=memory, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
-            chardev=chardev, serial=serial, virtio=virtio, iothreads=list(iothreads.values()),
+            chardev=chardev, chardevs=list(chardevs.values()), serial=serial, virtio=virtio,
+            iothreads=list(iothreads.values()),
             hotplug=hotplug,
             cmdline=cmdline, fastpath=fastpath, console_fastpath=console_fastpath,
             balloon=balloon, console=console))
         log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
                  config.topology.cpus, config.memory_size >> 20, config.kernel, cmdline)
+
+    def _create_chardevs(self) -> dict[str, Chardev]:
+        """Every -chardev, and -serial's own backend unless it names one; by label."""
+        configs = list(self.config.chardevs)
+        if self.config.serial.chardev is None:
+            configs.insert(0, self.config.serial_backend())
+        chardevs: dict[str, Chardev] = {}
+        try:
+            for chardev_config in configs:
+                chardevs[chardev_config.id] = create_chardev(chardev_config)
+        except BaseException:
+            for chardev in chardevs.values():  # sockets made so far are removed again
+                chardev.close()
+            raise
+        return chardevs
 
     @staticmethod
     def _open_kvm() -> Kvm:
@@ -193,17 +211,19 @@ class VmBuilder:
 
     # --- virtio-console ---
 
-    def _add_console(self, virtio: VirtioMmioManager) -> VirtioSerial | None:
+    def _add_console(self, virtio: VirtioMmioManager,
+                     chardevs: dict[str, Chardev]) -> VirtioSerial | None:
         """The virtio-serial device (after the balloon), if the configuration has one."""
         config = self.config.virtio_serial
         if config is None:
             return None
-        console = VirtioSerial(config)
+        console = VirtioSerial(config, chardevs)
         max_nr_ports = max((port.nr for port in config.ports), default=0) + 1
         try:
             virtio.add(console.make_device, queues=queue_count(max_nr_ports))
-        except Exception:
-            console.close()
+        except BaseException:
+            for chardev in chardevs.values():  # sockets made are removed again
+                chardev.close()
             raise
         return console
 

@@ -40,7 +40,8 @@ usage: stratovirt-py [options]
   -kernel PATH              guest kernel: uncompressed ELF vmlinux or bzImage
   -append CMDLINE           guest kernel command line
   -initrd PATH              initial ramdisk
-  -serial stdio|file,path=P|socket,path=P,server,nowait|none
+  -serial stdio|pty|file,path=P|socket,path=P,server,nowait|chardev:ID|none
+  -chardev stdio|pty|file|socket,id=ID[,path=P][,server,nowait]   a named backend
   -qmp unix:PATH,server,nowait   QMP socket (may be repeated); also -api-channel unix:PATH
   -drive id=ID,file=PATH[,readonly=on|off][,direct=on|off][,serial=S]
   -device virtio-blk-device,drive=ID,id=DEV[,iothread=IO] | virtio-net-device,netdev=ID,id=DEV
@@ -48,7 +49,6 @@ usage: stratovirt-py [options]
           | virtio-balloon-device[,id=ID][,deflate-on-oom=on|off][,free-page-reporting=on|off]
           | virtio-serial-device[,id=ID] | virtconsole,id=ID,chardev=CID[,nr=0]
           | virtserialport,id=ID,chardev=CID,nr=N[,name=NAME]
-  -chardev socket,id=CID,path=P,server,nowait | stdio,id=CID | file,id=CID,path=P
   -netdev tap,id=ID,ifname=TAP|fd=N
   -object iothread,id=ID    an I/O thread for the devices that give iothread=ID
   -config FILE.json         legacy JSON configuration (command-line values win)
@@ -77,10 +77,9 @@ class _Builder:
     nics: list[NicConfig] = field(default_factory=list)
     iothreads: list[str] = field(default_factory=list)
     qmp_sockets: list[str] = field(default_factory=list)
+    chardevs: list[ChardevConfig] = field(default_factory=list)
     config_file: str | None = None
-    # virtio-console
-    chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
-    virtio_serial: VirtioSerialConfig | None = None
+    virtio_serial: VirtioSerialConfig | None = None  # virtio-console
 
 
 def parse_machine(text: str, builder: _Builder) -> None:
@@ -207,7 +206,8 @@ CONSOLE_DRIVERS = ("virtio-serial-device", "virtio-serial-mmio", "virtconsole", 
 
 
 def parse_console_device(driver: str, options: dict[str, str], builder: _Builder) -> None:
-    """virtio-serial-device (one), then its virtconsole (nr 0) and virtserialports (nr >= 1)."""
+    """virtio-serial-device (one), then its virtconsole (nr 0) and virtserialports (nr >= 1).
+    Whether the chardev exists is checked with the whole configuration (validate)."""
     if driver in ("virtio-serial-device", "virtio-serial-mmio"):
         reject_unknown(options, {"id"}, "-device")
         if builder.virtio_serial is not None:
@@ -218,12 +218,9 @@ def parse_console_device(driver: str, options: dict[str, str], builder: _Builder
     if builder.virtio_serial is None:
         raise ConfigError(f"invalid -device {driver}: no virtio-serial device (give -device "
                           "virtio-serial-device before it)")
-    if not options.get("id"):
-        raise ConfigError(f"invalid -device {driver}: 'id' is required")
-    chardev = builder.chardevs.get(options.get("chardev", ""))
-    if chardev is None:
-        raise ConfigError(f"invalid -device {driver}: no -chardev with id "
-                          f"'{options.get('chardev', '')}' (give -chardev before -device)")
+    for key in ("id", "chardev"):
+        if not options.get(key):
+            raise ConfigError(f"invalid -device {driver}: '{key}' is required")
     is_console = driver == "virtconsole"
     if is_console:
         nr = parse_int(options.get("nr", "0"), f"{driver} nr")
@@ -240,17 +237,10 @@ def parse_console_device(driver: str, options: dict[str, str], builder: _Builder
     if taken:
         raise ConfigError(f"invalid -device {driver}: nr={nr} is already taken by "
                           f"'{taken[0].id}'")
-    port = ConsolePortConfig(id=options["id"], chardev=chardev, nr=nr,
+    port = ConsolePortConfig(id=options["id"], chardev=options["chardev"], nr=nr,
                              name=options.get("name") or None, is_console=is_console)
     builder.virtio_serial = dataclasses.replace(
         builder.virtio_serial, ports=(*builder.virtio_serial.ports, port))
-
-
-def _add_chardev(value: str, builder: _Builder) -> None:
-    chardev = parse_chardev(value)
-    if chardev.id in builder.chardevs:
-        raise ConfigError(f"-chardev id '{chardev.id}' is used twice")
-    builder.chardevs[chardev.id] = chardev
 
 # --- end virtio-console ---
 
@@ -294,6 +284,10 @@ def _add_qmp(option: str) -> Callable[[str, _Builder], None]:
     return apply
 
 
+def _add_chardev(value: str, builder: _Builder) -> None:
+    builder.chardevs.append(parse_chardev(value))
+
+
 def _set_config_file(value: str, builder: _Builder) -> None:
     builder.config_file = value
 
@@ -308,6 +302,7 @@ OPTIONS_WITH_VALUE: dict[str, Callable[[str, _Builder], None]] = {
     "-append": _set("cmdline"),
     "-initrd": _set("initrd"),
     "-serial": _set("serial", parse_serial),
+    "-chardev": _add_chardev,
     "-qmp": _add_qmp("-qmp"),
     "-api-channel": _add_qmp("-api-channel"),
     "-drive": _add_drive,
@@ -316,7 +311,6 @@ OPTIONS_WITH_VALUE: dict[str, Callable[[str, _Builder], None]] = {
     "-device": parse_device,
     "-pidfile": _set("pidfile"),
     "-config": _set_config_file,
-    "-chardev": _add_chardev,
 }
 FLAGS = {"-daemonize": "daemonize", "-S": "freeze", "-freeze": "freeze"}
 
@@ -368,6 +362,8 @@ def _finish(builder: _Builder) -> MachineConfig:
         overrides["qmp_sockets"] = tuple(builder.qmp_sockets)
     if builder.iothreads:
         overrides["iothreads"] = tuple(builder.iothreads)
+    if builder.chardevs:
+        overrides["chardevs"] = tuple(builder.chardevs)
     if builder.virtio_serial is not None:
         overrides["virtio_serial"] = builder.virtio_serial
     return dataclasses.replace(base, **overrides).validate()  # type: ignore[arg-type]

@@ -151,40 +151,75 @@ class CpuTopology:
 
 
 class SerialKind(Enum):
+    """A character backend's kind (-serial's own, or a named -chardev's)."""
     NONE = "none"
     STDIO = "stdio"
     FILE = "file"
     SOCKET = "socket"
+    PTY = "pty"
+
+
+@dataclass(frozen=True)
+class ChardevConfig:
+    """A character backend: `-chardev KIND,id=ID,...`, or the one `-serial` describes itself."""
+    id: str
+    kind: SerialKind
+    path: str | None = None
 
 
 @dataclass(frozen=True)
 class SerialConfig:
     kind: SerialKind = SerialKind.NONE
     path: str | None = None
+    chardev: str | None = None  # `-serial chardev:ID`: the -chardev named ID
+
+
+SERIAL_CHARDEV_LABEL = "serial0"  # what QEMU calls -serial's own backend (query-chardev)
+
+
+def _backend(kind: str, options: dict[str, str], option: str) -> tuple[SerialKind, str | None]:
+    """The backend part shared by -serial and -chardev (`options` without id/backend)."""
+    if kind in ("stdio", "none", "null", "pty"):
+        reject_unknown(options, set(), option)
+        return {"stdio": SerialKind.STDIO, "pty": SerialKind.PTY}.get(kind, SerialKind.NONE), None
+    if kind == "file":
+        reject_unknown(options, {"path"}, option)
+        if not options.get("path"):
+            raise ConfigError(f"invalid {option}: file needs path=<file>")
+        return SerialKind.FILE, options["path"]
+    if kind == "socket":
+        if "port" in options or "host" in options:
+            raise ConfigError(f"invalid {option}: only unix sockets (path=) are supported")
+        reject_unknown(options, {"path", "server", "nowait"}, option)
+        if not options.get("path"):
+            raise ConfigError(f"invalid {option}: socket needs path=<unix socket path>")
+        if "server" not in options or "nowait" not in options:
+            raise ConfigError(f"invalid {option}: a socket backend needs 'server,nowait'")
+        return SerialKind.SOCKET, options["path"]
+    raise ConfigError(f"invalid {option} '{shorten(kind)}': expected stdio, pty, "
+                      "file,path=P, socket,path=P,server,nowait or none")
 
 
 def parse_serial(text: str) -> SerialConfig:
-    """`-serial stdio | file,path=P | socket,path=P,server,nowait | none`."""
+    """`-serial stdio | pty | file,path=P | socket,path=P,server,nowait | chardev:ID | none`."""
+    if text.startswith("chardev:"):
+        chardev = text[len("chardev:"):]
+        if not chardev:
+            raise ConfigError("invalid -serial 'chardev:': no chardev id")
+        return SerialConfig(chardev=chardev)
     options = split_options(text, "-serial", positional="backend")
-    backend = options.pop("backend", "")
-    if backend in ("stdio", "none", "null"):
-        reject_unknown(options, set(), "-serial")
-        return SerialConfig(SerialKind.STDIO if backend == "stdio" else SerialKind.NONE)
-    if backend == "file":
-        reject_unknown(options, {"path"}, "-serial")
-        if not options.get("path"):
-            raise ConfigError("invalid -serial: file needs path=<file>")
-        return SerialConfig(SerialKind.FILE, options["path"])
-    if backend == "socket":
-        reject_unknown(options, {"path", "server", "nowait"}, "-serial")
-        if not options.get("path"):
-            raise ConfigError("invalid -serial: socket needs path=<unix socket path>")
-        if "server" not in options or "nowait" not in options:
-            raise ConfigError("invalid -serial: a socket serial needs 'server,nowait'")
-        return SerialConfig(SerialKind.SOCKET, options["path"])
-    raise ConfigError(
-        f"invalid -serial '{text}': expected stdio, file,path=P or socket,path=P,server,nowait"
-    )
+    kind, path = _backend(options.pop("backend", ""), options, "-serial")
+    return SerialConfig(kind, path)
+
+
+def parse_chardev(text: str) -> ChardevConfig:
+    """`-chardev stdio|pty|file|socket,id=ID[,path=P][,server,nowait]`."""
+    options = split_options(text, "-chardev", positional="backend")
+    chardev_id = options.pop("id", "")
+    if not chardev_id:
+        raise ConfigError("invalid -chardev: id=<id> is required")
+    kind, path = _backend(options.pop("backend", ""), options, "-chardev")
+    return ChardevConfig(chardev_id, kind, path)
 
 
 def parse_qmp_socket(text: str, option: str) -> str:
@@ -268,51 +303,15 @@ class BalloonConfig:
     free_page_reporting: bool = False
 
 
-# --- virtio-console: -chardev, virtio-serial-device, virtconsole, virtserialport ---
+# --- virtio-console: virtio-serial-device, virtconsole, virtserialport ---
 
 MAX_CONSOLE_PORTS = 3  # ports 0..2: the C data plane's SVPY_CONSOLE_MAX_PORTS
 
 
 @dataclass(frozen=True)
-class ChardevConfig:
-    id: str
-    kind: SerialKind
-    path: str | None = None
-
-
-def parse_chardev(text: str) -> ChardevConfig:
-    """`-chardev socket,id=ID,path=P,server,nowait | stdio,id=ID | file,id=ID,path=P`.
-
-    Kept to this one function: a general -chardev (pty, -serial chardev:ID) may replace it.
-    """
-    options = split_options(text, "-chardev", positional="backend")
-    backend = options.pop("backend", "")
-    if not options.get("id"):
-        raise ConfigError("invalid -chardev: 'id' is required")
-    if backend == "stdio":
-        reject_unknown(options, {"id"}, "-chardev stdio")
-        return ChardevConfig(options["id"], SerialKind.STDIO)
-    if backend == "file":
-        reject_unknown(options, {"id", "path"}, "-chardev file")
-        if not options.get("path"):
-            raise ConfigError("invalid -chardev file: path=<file> is required")
-        return ChardevConfig(options["id"], SerialKind.FILE, options["path"])
-    if backend == "socket":
-        reject_unknown(options, {"id", "path", "server", "nowait"}, "-chardev socket")
-        if not options.get("path"):
-            raise ConfigError("invalid -chardev socket: path=<unix socket path> is required")
-        if "server" not in options or "nowait" not in options:
-            raise ConfigError("invalid -chardev socket: only 'server,nowait' sockets are "
-                              "supported")
-        return ChardevConfig(options["id"], SerialKind.SOCKET, options["path"])
-    raise ConfigError(f"invalid -chardev: unsupported backend '{backend}' "
-                      "(socket, stdio or file)")
-
-
-@dataclass(frozen=True)
 class ConsolePortConfig:
     id: str
-    chardev: ChardevConfig
+    chardev: str  # the -chardev id
     nr: int  # 0 is the console port (virtconsole); others are virtserialports
     name: str | None = None  # /sys/class/virtio-ports/vportXpN/name in the guest
     is_console: bool = False
@@ -323,18 +322,21 @@ class VirtioSerialConfig:
     id: str = "virtio-serial0"
     ports: tuple[ConsolePortConfig, ...] = ()
 
-    def validate(self) -> None:
+    def validate(self, chardevs: tuple[ChardevConfig, ...], serial_chardev: str | None) -> None:
+        known = {chardev.id for chardev in chardevs}
         numbers = [port.nr for port in self.ports]
+        used = [port.chardev for port in self.ports]
         for port in self.ports:
             if not 0 <= port.nr < MAX_CONSOLE_PORTS:
                 raise ConfigError(f"port '{port.id}': nr={port.nr} is out of range "
                                   f"(0..{MAX_CONSOLE_PORTS - 1})")
             if numbers.count(port.nr) > 1:
                 raise ConfigError(f"port '{port.id}': nr={port.nr} is already taken")
-        chardevs = [port.chardev.id for port in self.ports]
-        for port in self.ports:
-            if chardevs.count(port.chardev.id) > 1:
-                raise ConfigError(f"chardev '{port.chardev.id}' is used by two ports")
+            if port.chardev not in known:
+                raise ConfigError(f"port '{port.id}': no -chardev with id '{port.chardev}'")
+            if used.count(port.chardev) > 1 or port.chardev == serial_chardev:
+                raise ConfigError(f"port '{port.id}': chardev '{port.chardev}' is already used "
+                                  "by another device")
 
 # --- end virtio-console ---
 
@@ -349,6 +351,7 @@ class MachineConfig:
     cmdline: str = ""
     initrd: str | None = None
     serial: SerialConfig = field(default_factory=SerialConfig)
+    chardevs: tuple[ChardevConfig, ...] = ()  # -chardev: named backends
     qmp_sockets: tuple[str, ...] = ()
     disks: tuple[DiskConfig, ...] = ()
     iothreads: tuple[str, ...] = ()  # -object iothread,id=ID: I/O threads of their own
@@ -367,9 +370,18 @@ class MachineConfig:
             raise ConfigError("no kernel given: use -kernel <vmlinux or bzImage>")
         if self.pidfile is not None and not self.daemonize:
             raise ConfigError("-pidfile must be used with -daemonize together")
+        chardev_ids = [chardev.id for chardev in self.chardevs]
+        duplicates = sorted({i for i in chardev_ids if chardev_ids.count(i) > 1})
+        if duplicates:
+            raise ConfigError(f"chardev id '{duplicates[0]}' is used twice")
+        if self.serial.chardev is not None and self.serial.chardev not in chardev_ids:
+            raise ConfigError(f"-serial chardev:{self.serial.chardev}: no -chardev with that id")
+        if self.daemonize and any(c.kind is SerialKind.STDIO for c in self.chardevs):
+            raise ConfigError("-chardev stdio cannot be used with -daemonize")
         if self.daemonize and self.serial.kind is SerialKind.STDIO:
             raise ConfigError("-serial stdio cannot be used with -daemonize")
-        self._validate_console()
+        if self.virtio_serial is not None:
+            self.virtio_serial.validate(self.chardevs, self.serial.chardev)
         if len(self.disks) > MAX_DISKS:
             raise ConfigError(f"at most {MAX_DISKS} virtio-blk disks are supported")
         if len(self.nics) > MAX_NICS:
@@ -395,29 +407,22 @@ class MachineConfig:
         check_memory_size(self.memory_size)
         return self
 
-    def _validate_console(self) -> None:
-        if self.virtio_serial is None:
-            return
-        self.virtio_serial.validate()
-        stdio = [port for port in self.virtio_serial.ports
-                 if port.chardev.kind is SerialKind.STDIO]
-        if stdio and self.daemonize:
-            raise ConfigError("-chardev stdio cannot be used with -daemonize")
-        if stdio and self.serial.kind is SerialKind.STDIO:
-            raise ConfigError(f"chardev '{stdio[0].chardev.id}': stdio is already the -serial "
-                              "console")
-
-    def _console_paths(self) -> list[tuple[str, str | None]]:
-        ports = self.virtio_serial.ports if self.virtio_serial else ()
-        return [(f"chardev '{port.chardev.id}'", port.chardev.path) for port in ports]
+    def serial_backend(self) -> ChardevConfig:
+        """The UART's backend: the -chardev it names, or the one -serial describes."""
+        if self.serial.chardev is not None:
+            for chardev in self.chardevs:
+                if chardev.id == self.serial.chardev:
+                    return chardev
+            raise ConfigError(f"-serial chardev:{self.serial.chardev}: no -chardev with that id")
+        return ChardevConfig(SERIAL_CHARDEV_LABEL, self.serial.kind, self.serial.path)
 
     def _paths(self) -> list[tuple[str, str]]:
         """(what, path) for every host path in the configuration."""
         paths = [("kernel", self.kernel), ("initrd", self.initrd), ("serial", self.serial.path),
                  ("log file", self.log_file), ("pid file", self.pidfile)]
         paths += [("QMP socket", path) for path in self.qmp_sockets]
+        paths += [(f"chardev '{c.id}'", c.path) for c in self.chardevs if c.path is not None]
         paths += [(f"drive '{disk.drive.id}'", disk.drive.path) for disk in self.disks]
-        paths += self._console_paths()
         return [(what, path) for what, path in paths if path is not None]
 
     def with_absolute_paths(self) -> MachineConfig:
@@ -434,18 +439,11 @@ class MachineConfig:
             kernel=absolute(self.kernel),
             initrd=absolute(self.initrd),
             serial=dataclasses.replace(self.serial, path=absolute(self.serial.path)),
+            chardevs=tuple(dataclasses.replace(chardev, path=absolute(chardev.path))
+                           for chardev in self.chardevs),
             qmp_sockets=tuple(os.path.abspath(path) for path in self.qmp_sockets),
             disks=tuple(dataclasses.replace(disk, drive=dataclasses.replace(
                 disk.drive, path=os.path.abspath(disk.drive.path))) for disk in self.disks),
             log_file=absolute(self.log_file),
             pidfile=absolute(self.pidfile),
-            virtio_serial=self._console_with_absolute_paths(),
         )
-
-    def _console_with_absolute_paths(self) -> VirtioSerialConfig | None:
-        if self.virtio_serial is None:
-            return None
-        ports = tuple(dataclasses.replace(port, chardev=dataclasses.replace(
-            port.chardev, path=port.chardev.path and os.path.abspath(port.chardev.path)))
-            for port in self.virtio_serial.ports)
-        return dataclasses.replace(self.virtio_serial, ports=ports)

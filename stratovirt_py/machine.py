@@ -60,7 +60,8 @@ class Hardware:
     vcpus: list[Vcpu]
     pio_bus: Bus
     mmio_bus: Bus
-    chardev: Chardev
+    chardev: Chardev  # the UART's
+    chardevs: list[Chardev]  # every character backend, the UART's included
     serial: Serial
     virtio: VirtioMmioManager
     iothreads: list[IoThread]  # the shared one first, then one per -object iothread
@@ -69,7 +70,7 @@ class Hardware:
     fastpath: Any  # struct svpy_mmio_fastpath: exits the vCPU loop answers in C
     console_fastpath: ConsoleFastPath  # the UART structs it points to (kept alive here)
     balloon: Balloon | None = None
-    console: VirtioSerial | None = None  # virtio-console ports and their chardevs
+    console: VirtioSerial | None = None  # virtio-console ports (their chardevs are in chardevs)
 
     def exit_counts(self) -> dict[str, int]:
         """vCPU exits answered in C and those that reached Python; console bytes C wrote."""
@@ -181,6 +182,13 @@ class MicroVM:
         await self._hardware().hotplug.detach(device_id)
         self.emit_event("DEVICE_DELETED", {"device": device_id, "path": device_id})
 
+    def query_chardevs(self) -> list[dict[str, object]]:
+        """query-chardev: every character backend (a -chardev no device uses is not open)."""
+        hardware = self._hardware()
+        ports = hardware.console.chardevs.values() if hardware.console is not None else ()
+        return [chardev.describe(frontend_open=chardev is hardware.chardev or chardev in ports)
+                for chardev in hardware.chardevs]
+
     def vcpu_thread_ids(self) -> list[int | None]:
         return [thread.thread_id for thread in self.vcpu_threads]
 
@@ -260,6 +268,7 @@ class MicroVM:
             iothread.stop()
         hardware.hotplug.close()
         hardware.virtio.close()
-        hardware.chardev.close()
         if hardware.console is not None:
-            hardware.console.close()
+            hardware.console.stop()  # input no longer waits for the guest
+        for chardev in hardware.chardevs:
+            chardev.close()

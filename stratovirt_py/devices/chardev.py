@@ -1,10 +1,11 @@
-"""Console backends for the UART: none, stdio, a file, or a unix socket.
+"""Character backends (-serial, -chardev): none, stdio, a pty, a file, or a unix socket.
 
 Each backend takes guest output through `write` and, where it has input,
 feeds it to the UART from a thread of its own.  Output never blocks the
 vCPU: a terminal, pipe or file that stops taking it loses output beyond a
 bounded buffer (output_sink.py), a socket client that stops reading loses it
-at once, rather than stalling the guest.
+at once, rather than stalling the guest.  While no client is connected to a
+socket backend, its output waits in a bounded buffer for the next client.
 
 A backend may also let a direct writer (the vCPU loop, in C) write its output
 without calling `write`, whenever that keeps the output in order.
@@ -23,7 +24,7 @@ import threading
 import tty
 from collections.abc import Callable
 
-from stratovirt_py.config import SerialConfig, SerialKind
+from stratovirt_py.config import ChardevConfig, SerialKind
 from stratovirt_py.devices.output_sink import DirectWriter, OutputSink
 from stratovirt_py.errors import ConfigError
 from stratovirt_py.unix_listener import create_unix_listener, remove_socket_file
@@ -36,6 +37,15 @@ ESCAPE_CHAR = 0x01  # Ctrl-A, as in QEMU: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ct
 
 class Chardev:
     """Discards output and has no input."""
+
+    label = ""  # its id (-chardev id=, or serial0 for -serial's own), for query-chardev
+
+    def filename(self) -> str:
+        """What query-chardev reports as its `filename` (QEMU's forms)."""
+        return "null"
+
+    def describe(self, frontend_open: bool) -> dict[str, object]:
+        return {"label": self.label, "filename": self.filename(), "frontend-open": frontend_open}
 
     def start(self, sink: InputSink, request_quit: Callable[[], None]) -> None:
         pass
@@ -120,6 +130,9 @@ class StdioChardev(Chardev):
         self._reader = _Reader("serial-stdin", stdin, on_input)
         self._reader.start()
 
+    def filename(self) -> str:
+        return "stdio"
+
     def _filter_escape(self, data: bytes, request_quit: Callable[[], None]) -> bytes:
         out = bytearray()
         for byte in data:
@@ -164,7 +177,11 @@ class FileChardev(Chardev):
                                | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             raise ConfigError(f"cannot open serial file '{path}': {exc.strerror}") from None
+        self._path = path
         self._output = OutputSink(self._fd, "serial file")
+
+    def filename(self) -> str:
+        return f"file:{self._path}"
 
     def write(self, data: bytes) -> None:
         self._output.write(data)
@@ -179,17 +196,29 @@ class FileChardev(Chardev):
             self._fd = -1
 
 
+SOCKET_BACKLOG_LIMIT = 64 << 10
+
+
 class SocketChardev(Chardev):
-    """A unix socket server; one client at a time gets the console."""
+    """A unix socket server; one client at a time gets the console.
+
+    What the guest writes while no client is connected waits (up to 64 KiB; older
+    bytes are dropped first) and goes to the next client when it connects.
+    """
 
     def __init__(self, path: str) -> None:
         self._path = path
         self._listener = create_unix_listener(path, "serial socket")
         self._client: socket.socket | None = None
+        self._backlog = bytearray()  # output while no client is connected
+        self.dropped = 0
         self._lock = threading.Lock()
         self._direct: DirectWriter | None = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def filename(self) -> str:
+        return f"unix:{self._path},server=on"
 
     def start(self, sink: InputSink, request_quit: Callable[[], None]) -> None:
         self._thread = threading.Thread(target=self._serve, args=(sink,), name="serial-socket",
@@ -205,6 +234,7 @@ class SocketChardev(Chardev):
             client.setblocking(True)
             with self._lock:
                 self._client = client
+                self._send_backlog(client)
                 self._publish_client()
             try:
                 while True:
@@ -220,13 +250,29 @@ class SocketChardev(Chardev):
                     self._publish_client()
                 client.close()
 
+    def _send_backlog(self, client: socket.socket) -> None:
+        """Hands what waited to the new client (lock held; a unix socket takes 64 KiB)."""
+        while self._backlog:
+            try:
+                sent = client.send(self._backlog, socket.MSG_DONTWAIT)
+            except OSError:
+                break  # a client that takes nothing now gets only what comes next
+            del self._backlog[:sent]
+        self.dropped += len(self._backlog)
+        self._backlog.clear()
+
+    def has_client(self) -> bool:
+        with self._lock:
+            return self._client is not None
+
     def set_direct_writer(self, writer: DirectWriter) -> None:
         with self._lock:
             self._direct = writer
             self._publish_client()
 
     def _publish_client(self) -> None:
-        """Points the direct writer at the current client, or discarding (lock held)."""
+        """Points the direct writer at the current client (lock held); with none, output
+        takes the Python path, which keeps it for the next client."""
         if self._direct is None:
             return
         # Returns once no direct write to the previous client is in flight, so
@@ -234,14 +280,19 @@ class SocketChardev(Chardev):
         self._direct.set_ready(False)
         if self._client is not None:
             self._direct.attach(self._client.fileno(), True)
+            self._direct.set_ready(True)
         else:
-            self._direct.attach(-1, False)  # no client: output is dropped, as write() does
-        self._direct.set_ready(True)
+            self._direct.attach(-1, False)  # stays not ready: nothing to write to
 
     def write(self, data: bytes) -> None:
         with self._lock:
             client = self._client
             if client is None:
+                self._backlog += data
+                excess = len(self._backlog) - SOCKET_BACKLOG_LIMIT
+                if excess > 0:
+                    del self._backlog[:excess]
+                    self.dropped += excess
                 return
             try:
                 # A client that does not read must not stall the vCPU.
@@ -264,13 +315,61 @@ class SocketChardev(Chardev):
         remove_socket_file(self._path)
 
 
-def create_chardev(config: SerialConfig) -> Chardev:
+class PtyChardev(Chardev):
+    """A pseudo-terminal; its path (/dev/pts/N) is logged and reported by query-chardev.
+
+    The monitor keeps the terminal's other side open too, so that a program that
+    opens it (screen, minicom) and quits does not hang up the guest's console.
+    """
+
+    def __init__(self, label: str) -> None:
+        self._master, self._slave = os.openpty()
+        os.set_inheritable(self._master, False)
+        os.set_inheritable(self._slave, False)
+        tty.setraw(self._slave, termios.TCSANOW)  # bytes pass unchanged, both ways
+        os.set_blocking(self._master, False)  # ours alone: OutputSink writes it as it is
+        self.path = os.ttyname(self._slave)
+        self._output = OutputSink(self._master, f"chardev {label} pty")
+        self._reader: _Reader | None = None
+        log.info("char device redirected to %s (label %s)", self.path, label)
+
+    def filename(self) -> str:
+        return f"pty:{self.path}"
+
+    def start(self, sink: InputSink, request_quit: Callable[[], None]) -> None:
+        self._reader = _Reader("chardev-pty", self._master, sink)
+        self._reader.start()
+
+    def write(self, data: bytes) -> None:
+        self._output.write(data)
+
+    def set_direct_writer(self, writer: DirectWriter) -> None:
+        self._output.set_direct_writer(writer)
+
+    def close(self) -> None:
+        if self._master < 0:
+            return
+        self._output.close()
+        if self._reader is not None:
+            self._reader.stop()
+        os.close(self._master)
+        os.close(self._slave)
+        self._master = self._slave = -1
+
+
+def create_chardev(config: ChardevConfig) -> Chardev:
+    chardev: Chardev
     if config.kind is SerialKind.STDIO:
-        return StdioChardev()
-    if config.kind is SerialKind.FILE:
+        chardev = StdioChardev()
+    elif config.kind is SerialKind.FILE:
         assert config.path is not None
-        return FileChardev(config.path)
-    if config.kind is SerialKind.SOCKET:
+        chardev = FileChardev(config.path)
+    elif config.kind is SerialKind.SOCKET:
         assert config.path is not None
-        return SocketChardev(config.path)
-    return Chardev()
+        chardev = SocketChardev(config.path)
+    elif config.kind is SerialKind.PTY:
+        chardev = PtyChardev(config.id)
+    else:
+        chardev = Chardev()
+    chardev.label = config.id
+    return chardev

@@ -98,6 +98,13 @@ def query_hotpluggable_cpus(machine: ManagedMachine, context: CommandContext,
     return result
 
 
+@command("query-chardev")
+def query_chardev(machine: ManagedMachine, context: CommandContext, args: dict) -> list:
+    # label, filename ("pty:/dev/pts/N", "unix:P,server=on", "file:P", "stdio", "null")
+    # and frontend-open, as QEMU and StratoVirt report them.
+    return machine.query_chardevs()
+
+
 # Lifecycle.
 
 # The machine owns the run state and emits STOP/RESUME; as in StratoVirt, a

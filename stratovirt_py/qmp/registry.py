@@ -45,6 +45,8 @@ class ManagedMachine(Protocol):
 
     def vcpu_thread_ids(self) -> list[int | None]: ...
 
+    def query_chardevs(self) -> list[dict[str, object]]: ...
+
     def pause(self) -> None:
         """Raises LifecycleError (nothing changed) if the VM cannot be paused."""
 

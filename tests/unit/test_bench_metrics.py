@@ -338,3 +338,44 @@ def test_block_cpu_rows_follow_their_runs(monkeypatch, tmp_path):
     assert cpu_row["ratio_ours_over_qemu"]["median"] == 0.5
     table = format_table(rows, ["ours", "qemu"], 4)
     assert "CPU time per 1000 requests (ms/1k req), < 1 means ours used less" in table
+
+
+def _linux_guest(tmp_path: Path) -> harness.Guest:
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "initramfs.cpio"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    return harness.linux_guest(kernel, initrd, settle_s=1.0, timeout_s=60.0)
+
+
+def test_the_linux_boot_group_adds_a_run_with_the_console_on_hvc0(tmp_path):
+    guest = _linux_guest(tmp_path)
+    assert "hvc0" in harness.run_kinds(guest, frozenset({"boot"}))
+    assert "hvc0" not in harness.run_kinds(guest, frozenset({"start", "memory"}))
+    assert harness.hvc0_cmdline(guest) == guest.session_cmdline.replace("ttyS0", "hvc0")
+    assert "console=ttyS0" not in harness.hvc0_cmdline(guest)
+    names = harness.expected_metrics(guest, frozenset({"boot"}))
+    assert names[-2:] == ["boot.hvc0-run-init", "boot.hvc0-userspace"]
+    for monitor in harness.MONITORS.values():
+        args = monitor.virtconsole(tmp_path / "c.sock")
+        assert "virtio-serial-device" in args and f"{tmp_path / 'c.sock'}" in " ".join(args)
+
+
+def test_the_console_socket_is_retried_until_it_accepts(tmp_path):
+    path = tmp_path / "late.sock"
+
+    def listen_later() -> None:
+        time.sleep(0.1)
+        server.bind(str(path))
+        server.listen(1)
+    server = socket.socket(socket.AF_UNIX)
+    thread = threading.Thread(target=listen_later)
+    thread.start()
+    try:
+        deadline = time.monotonic_ns() + 5 * 10**9
+        client = harness.connect_unix(path, deadline, lambda: True)
+        client.close()
+        with pytest.raises(harness.ProbeError, match="exited"):
+            harness.connect_unix(tmp_path / "never.sock", deadline, lambda: False)
+    finally:
+        thread.join()
+        server.close()

@@ -1,6 +1,7 @@
 """Command-line and -config JSON parsing into MachineConfig."""
 
 import json
+import os
 
 import pytest
 
@@ -98,7 +99,42 @@ def test_serial_backends():
     assert (sock.kind, sock.path) == (SerialKind.SOCKET, "/tmp/c.sock")
 
 
-@pytest.mark.parametrize("value", ["tcp:1", "file", "socket,path=/x", "stdio,path=/x", "pty"])
+def test_chardevs_and_serial_on_a_named_one():
+    config = parse("-serial", "chardev:con0",
+                   "-chardev", "socket,id=con0,path=/tmp/c.sock,server,nowait",
+                   "-chardev", "pty,id=p", "-chardev", "file,id=f,path=/tmp/out",
+                   "-chardev", "stdio,id=s")
+    assert [(c.id, c.kind, c.path) for c in config.chardevs] == [
+        ("con0", SerialKind.SOCKET, "/tmp/c.sock"), ("p", SerialKind.PTY, None),
+        ("f", SerialKind.FILE, "/tmp/out"), ("s", SerialKind.STDIO, None)]
+    assert config.serial_backend() == config.chardevs[0]
+    own = parse("-serial", "pty").serial_backend()
+    assert (own.id, own.kind) == ("serial0", SerialKind.PTY)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("-chardev", "pty"), "id=<id> is required"),
+    (("-chardev", "socket,id=a,port=4444,server,nowait"), "only unix sockets"),
+    (("-chardev", "socket,id=a,path=/x"), "needs 'server,nowait'"),
+    (("-chardev", "serial,id=a"), "invalid -chardev 'serial'"),
+    (("-chardev", "pty,id=a,path=/x"), "unknown"),
+    (("-chardev", "pty,id=a", "-chardev", "stdio,id=a"), "chardev id 'a' is used twice"),
+    (("-serial", "chardev:nope"), "no -chardev with that id"),
+    (("-serial", "chardev:"), "no chardev id"),
+    (("-daemonize", "-chardev", "stdio,id=a"), "-chardev stdio cannot be used with -daemonize"),
+])
+def test_chardev_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(*args)
+
+
+def test_chardev_paths_become_absolute_for_a_daemon():
+    config = parse("-chardev", "file,id=f,path=out.log").with_absolute_paths()
+    assert config.chardevs[0].path == os.path.abspath("out.log")
+
+
+@pytest.mark.parametrize("value", ["tcp:1", "file", "socket,path=/x", "stdio,path=/x",
+                                   "pty,path=/x"])
 def test_serial_errors(value):
     with pytest.raises(ConfigError, match="-serial"):
         parse("-serial", value)

@@ -74,6 +74,9 @@ class FakeMachine:
     def vcpu_thread_ids(self) -> list[int | None]:
         return [1000 + i for i in range(self.config.topology.cpus)]
 
+    def query_chardevs(self) -> list[dict[str, object]]:
+        return [{"label": "serial0", "filename": "pty:/dev/pts/7", "frontend-open": True}]
+
     def pause(self) -> None:
         self.lifecycle.pause()
 

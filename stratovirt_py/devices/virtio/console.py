@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from stratovirt_py._dataplane import ffi, lib
-from stratovirt_py.config import SerialConfig, VirtioSerialConfig
-from stratovirt_py.devices.chardev import Chardev, SocketChardev, create_chardev
+from stratovirt_py.config import VirtioSerialConfig
+from stratovirt_py.devices.chardev import Chardev, SocketChardev
 from stratovirt_py.devices.virtio.dataplane import DeviceWiring, device_lock
 from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_queue, read_config_bytes
 
@@ -147,20 +147,13 @@ class PortOutput:
 
 
 class VirtioSerial:
-    """The console device's ports and their chardevs, started and closed with the VM."""
+    """The console device's ports and their chardevs (the builder's: it closes them)."""
 
-    def __init__(self, config: VirtioSerialConfig) -> None:
+    def __init__(self, config: VirtioSerialConfig, chardevs: dict[str, Chardev]) -> None:
         self.config = config
-        self.chardevs: dict[int, Chardev] = {}
+        self.chardevs = {port.nr: chardevs[port.chardev] for port in config.ports}
         self.device: VirtioConsole | None = None
         self._stopped = threading.Event()
-        try:
-            for port in config.ports:
-                self.chardevs[port.nr] = create_chardev(
-                    SerialConfig(port.chardev.kind, port.chardev.path))
-        except Exception:
-            self.close()
-            raise
 
     def keep_output(self) -> frozenset[int]:
         """Ports whose backend comes and goes (a socket): output waits for the next one."""
@@ -183,7 +176,6 @@ class VirtioSerial:
                 self.device.port_input(nr, data, self._stopped)
         return sink
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Input stops waiting for the guest (before the chardevs close)."""
         self._stopped.set()
-        for chardev in self.chardevs.values():
-            chardev.close()
