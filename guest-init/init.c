@@ -7,13 +7,16 @@
  * with the kernel patch in kernel-configs/patches/ and vdso32=0. On VMX/SVM
  * KVM it is an ordinary 32-bit program.
  *
- * It mounts /proc, /sys and /dev, prints the marker line that tests wait for,
+ * It mounts /proc, /sys and /dev, moves to /dev/hvcN when the kernel's console
+ * is a virtio console (console=hvcN), prints the marker line that tests wait for,
  * then runs a shell on the console (/bin/sh, busybox) and reboots the guest
  * (which ends the VM) when the shell exits. Without a shell it stays alive,
  * so that the kernel keeps serving the devices.
  */
 
 #define NR_exit 1
+#define NR_read 3
+#define NR_nanosleep 162
 #define NR_fork 2
 #define NR_write 4
 #define NR_open 5
@@ -99,6 +102,75 @@ static void mount_fs(const char *type, const char *dir)
 		say_error(dir, err);
 }
 
+static int starts_with(const char *s, const char *prefix)
+{
+	while (*prefix)
+		if (*s++ != *prefix++)
+			return 0;
+	return 1;
+}
+
+/* The last console= of the kernel command line, when it names hvcN: "/dev/hvcN"
+ * in path (else path is left empty). */
+static void hvc_console(char *path, unsigned long size)
+{
+	static char cmdline[2048];
+	const char *value = 0;
+	long fd, n;
+	unsigned long i, j;
+
+	path[0] = 0;
+	fd = sys2(NR_open, "/proc/cmdline", 0);
+	if (fd < 0)
+		return;
+	n = sys3(NR_read, fd, cmdline, sizeof(cmdline) - 1);
+	sys1(NR_close, fd);
+	if (n <= 0)
+		return;
+	cmdline[n] = 0;
+	for (i = 0; cmdline[i]; i++)
+		if ((i == 0 || cmdline[i - 1] == ' ') && starts_with(cmdline + i, "console="))
+			value = cmdline + i + 8;
+	if (!value || !starts_with(value, "hvc"))
+		return;
+	for (i = 0; "/dev/"[i]; i++)
+		path[i] = "/dev/"[i];
+	for (j = 0; value[j] && value[j] != ' ' && value[j] != ',' && value[j] != '\n' &&
+		    i < size - 1; j++)
+		path[i++] = value[j];
+	path[i] = 0;
+}
+
+/* With console=hvcN the shell and the marker go to /dev/hvcN itself: the
+ * kernel's /dev/console may have been opened (or failed to open) before the
+ * virtio console's ports came up, which happens asynchronously. */
+static void use_hvc_console(void)
+{
+	static const long tenth[2] = { 0, 100000000 }; /* 100 ms */
+	char path[32];
+	long fd = -1;
+	int tries;
+
+	hvc_console(path, sizeof(path));
+	if (!path[0])
+		return;
+	for (tries = 0; tries < 600; tries++) { /* up to a minute: every fork is slow here */
+		fd = sys2(NR_open, path, O_RDWR);
+		if (fd >= 0)
+			break;
+		sys2(NR_nanosleep, tenth, 0);
+	}
+	if (fd < 0) {
+		say_error(path, fd);
+		return;
+	}
+	for (int i = 0; i < 3; i++)
+		if (fd != i)
+			sys2(NR_dup2, fd, i);
+	if (fd > 2)
+		sys1(NR_close, fd);
+}
+
 static void run_shell(char **envp)
 {
 	static char *const argv[] = { "-sh", 0 };
@@ -130,6 +202,7 @@ int main(int argc, char **argv, char **envp)
 	mount_fs("proc", "/proc");
 	mount_fs("sysfs", "/sys");
 	mount_fs("devtmpfs", "/dev");
+	use_hvc_console();
 	say("stratovirt-py guest: user space ready\n");
 
 	if (sys2(NR_access, "/bin/sh", X_OK) == 0) {
