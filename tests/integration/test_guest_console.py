@@ -33,9 +33,11 @@ class Client:
         self.sock.settimeout(0.2)
         self.data = b""
 
-    def read_until(self, pattern: bytes, timeout: float = 60) -> re.Match[bytes]:
+    def read_until(self, pattern: bytes, timeout: float = 60, start: int = 0
+                   ) -> re.Match[bytes]:
+        """The first match of `pattern` in what was read, from `start` on."""
         deadline = time.monotonic() + timeout
-        while not (match := re.search(pattern, self.data)):
+        while not (match := re.compile(pattern).search(self.data, start)):
             assert time.monotonic() < deadline, f"no {pattern!r} in {self.data!r}"
             try:
                 chunk = self.sock.recv(4096)

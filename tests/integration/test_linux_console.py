@@ -4,7 +4,6 @@ socket chardev, a shell over the socket, QMP stop/cont in between (one boot of i
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from tests.conftest import ARTIFACTS
 from tests.helpers import MONITOR, Qmp, monitor_env, wait_for_socket
+from tests.integration.test_guest_console import Client
 from tests.integration.test_linux_guest import (
     BOOT_TIMEOUT,
     INITRAMFS,
@@ -23,38 +23,24 @@ from tests.integration.test_linux_guest import (
 pytestmark = pytest.mark.linux
 
 
-class HvcConsole:
-    """A client of the console socket; keeps everything it read in a log."""
+class HvcConsole(Client):
+    """A client of the console socket; what it read is also kept in a log."""
 
     def __init__(self, path: Path, log: Path) -> None:
+        super().__init__(path)
         self.path = path
         self.log = log
-        self.data = b""
-        self.sock = self._connect()
-
-    def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(str(self.path))
-        sock.settimeout(0.2)
-        return sock
 
     def reconnect(self) -> None:
         self.sock.close()
         time.sleep(0.5)  # the monitor sees the client go before the next one comes
-        self.sock = self._connect()
+        self.sock = Client(self.path).sock
 
     def wait_for(self, pattern: bytes, timeout: float, start: int = 0) -> re.Match[bytes]:
-        deadline = time.monotonic() + timeout
-        while not (match := re.compile(pattern).search(self.data, start)):
-            assert time.monotonic() < deadline, f"no {pattern!r} in {self.data[-2000:]!r}"
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            assert chunk, f"the console socket closed: {self.data[-2000:]!r}"
-            self.data += chunk
+        try:
+            return self.read_until(pattern, timeout, start)
+        finally:
             self.log.write_bytes(self.data)
-        return match
 
     def shell(self, command: str, timeout: float = 120) -> str:
         """Runs `command` in the guest's shell; what it printed (the marker is computed by
@@ -72,8 +58,6 @@ class HvcConsole:
         assert echoed >= 0, output
         return output[echoed:].split("\n", 1)[1] if "\n" in output[echoed:] else ""
 
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
