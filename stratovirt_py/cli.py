@@ -363,7 +363,10 @@ def _finish(builder: _Builder) -> MachineConfig:
     if builder.iothreads:
         overrides["iothreads"] = tuple(builder.iothreads)
     if builder.chardevs:
-        overrides["chardevs"] = tuple(builder.chardevs)
+        # A JSON console's chardev stays unless the command line names its id again.
+        given = {chardev.id for chardev in builder.chardevs}
+        overrides["chardevs"] = (*(c for c in base.chardevs if c.id not in given),
+                                 *builder.chardevs)
     if builder.virtio_serial is not None:
         overrides["virtio_serial"] = builder.virtio_serial
     return dataclasses.replace(base, **overrides).validate()  # type: ignore[arg-type]

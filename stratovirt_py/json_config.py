@@ -1,7 +1,7 @@
 """The legacy StratoVirt `-config FILE.json` format (v0.x/v1), read into MachineConfig.
 
 Keys as in StratoVirt's old config guidebook: machine-config, boot-source,
-drive, net, serial, balloon.  Memory sizes here default to bytes, as they did
+drive, net, serial, balloon, console.  Memory sizes here default to bytes, as they did
 there.  Unknown keys are errors, so a typo never silently changes the VM.
 """
 
@@ -12,6 +12,8 @@ from typing import Any
 
 from stratovirt_py.config import (
     BalloonConfig,
+    ChardevConfig,
+    ConsolePortConfig,
     CpuTopology,
     DiskConfig,
     DriveConfig,
@@ -20,6 +22,7 @@ from stratovirt_py.config import (
     NicConfig,
     SerialConfig,
     SerialKind,
+    VirtioSerialConfig,
     check_memory_size,
     parse_mac,
     parse_size,
@@ -28,7 +31,7 @@ from stratovirt_py.errors import ConfigError
 
 TOP_LEVEL_KEYS = {"machine-config", "boot-source", "drive", "net", "serial", "balloon",
                   "console", "vsock", "iothread", "rng", "pflash"}
-NOT_SUPPORTED_KEYS = {"console", "vsock", "rng", "pflash"}
+NOT_SUPPORTED_KEYS = {"vsock", "rng", "pflash"}
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
@@ -149,7 +152,32 @@ def parse_json_config(data: Any) -> MachineConfig:
             free_page_reporting=_expect(balloon.get("free_page_reporting", False), bool,
                                         "balloon.free_page_reporting"),
         )
+    values.update(_console(data))
     return MachineConfig(**values)
+
+
+# --- virtio-console ---
+
+def _console(data: dict[str, Any]) -> dict[str, Any]:
+    """`console: [{"console_id": ID, "socket_path": P}]`: StratoVirt v1's virtio console,
+    one port (hvc0) on a unix socket server; as -device virtio-serial-device -chardev
+    socket,id=ID,path=P,server,nowait -device virtconsole,id=ID,chardev=ID."""
+    consoles = _items(data, "console", {"console_id", "socket_path"},
+                      {"console_id", "socket_path"})
+    if not consoles:
+        return {}
+    if len(consoles) > 1:
+        raise ConfigError("-config: only one console is supported")
+    console_id = _expect(consoles[0]["console_id"], str, "console.console_id")
+    path = _expect(consoles[0]["socket_path"], str, "console.socket_path")
+    if not console_id or not path:
+        raise ConfigError("-config: console.console_id and console.socket_path must not be "
+                          "empty")
+    return {"chardevs": (ChardevConfig(console_id, SerialKind.SOCKET, path),),
+            "virtio_serial": VirtioSerialConfig(ports=(
+                ConsolePortConfig(console_id, console_id, 0, is_console=True),))}
+
+# --- end virtio-console ---
 
 
 def load_json_config(path: str) -> MachineConfig:

@@ -21,6 +21,7 @@ from stratovirt_py.devices.virtio.console import (
 from stratovirt_py.devices.virtio.dataplane import DeviceWiring, IoThread, device_lock
 from stratovirt_py.devices.virtio.mmio import VIRTIO_F_VERSION_1, QueueSetup
 from stratovirt_py.errors import ConfigError
+from stratovirt_py.json_config import parse_json_config
 from tests.unit.test_virtio_balloon import BalloonRig
 from tests.virtq_model import F_WRITE, Queue, SyntheticGuest
 
@@ -366,3 +367,34 @@ def test_cli_port_without_a_serial_device():
 def test_cli_chardev_used_by_the_uart_and_a_port():
     with pytest.raises(ConfigError, match="already used by another device"):
         parse_args([*CONSOLE, "-serial", "chardev:c0", "-device", "virtconsole,id=a,chardev=c0"])
+
+
+# Legacy JSON (-config).
+
+def test_json_console_is_a_virtconsole_on_a_socket(tmp_path):
+    config = parse_json_config({"boot-source": {"kernel_image_path": "k"},
+                                "console": [{"console_id": "charconsole0",
+                                             "socket_path": "/tmp/con.sock"}]}).validate()
+    assert config.chardevs == (ChardevConfig("charconsole0", SerialKind.SOCKET,
+                                             "/tmp/con.sock"),)
+    assert config.virtio_serial == VirtioSerialConfig(ports=(
+        ConsolePortConfig("charconsole0", "charconsole0", 0, None, True),))
+    # A -chardev on the command line keeps the JSON console's.
+    path = tmp_path / "vm.json"
+    path.write_text('{"console": [{"console_id": "c", "socket_path": "/tmp/c.sock"}]}')
+    config = parse_args(["-config", str(path), "-kernel", "k",
+                         "-chardev", "socket,id=other,path=/tmp/o.sock,server,nowait"])
+    assert [chardev.id for chardev in config.chardevs] == ["c", "other"]
+
+
+@pytest.mark.parametrize(("console", "message"), [
+    ([{"console_id": "a", "socket_path": "/a"}, {"console_id": "b", "socket_path": "/b"}],
+     "only one console"),
+    ([{"console_id": "a"}], "lacks 'socket_path'"),
+    ([{"console_id": "a", "socket_path": "/a", "speed": 1}], "unknown field"),
+    ([{"console_id": 1, "socket_path": "/a"}], "wrong type"),
+    ({"console_id": "a", "socket_path": "/a"}, "wrong type"),
+])
+def test_json_console_errors(console, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_json_config({"console": console})
