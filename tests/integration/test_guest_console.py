@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MONITOR, wait_for_socket
+from tests.helpers import MONITOR, Qmp, wait_for_socket
 from tests.integration.test_guest_balloon import Host
-from tests.integration.test_guest_net import Guest
+from tests.integration.test_guest_net import QEMU, Guest, host_is_pvm, require_qemu
 
 pytestmark = pytest.mark.kvm
 
@@ -60,12 +60,20 @@ def console_argv(guest: Path, *devices: str) -> list[str]:
 def test_console_port_output_input_and_reconnect(svtest_guest: Path, tmp_path: Path,
                                                   artifact_dir: Path) -> None:
     path = tmp_path / "console.sock"
+    qmp_path = tmp_path / "qmp.sock"
     argv = console_argv(svtest_guest, "-device", "virtio-serial-device",
                         "-chardev", f"socket,id=con,path={path},server,nowait",
-                        "-device", "virtconsole,id=con0,chardev=con")
+                        "-device", "virtconsole,id=con0,chardev=con",
+                        "-qmp", f"unix:{qmp_path},server,nowait")
     guest = Guest(Host(), argv, artifact_dir / "serial.log")
     try:
         wait_for_socket(guest.process, path)
+        wait_for_socket(guest.process, qmp_path)
+        qmp = Qmp(qmp_path)
+        qmp.execute("qmp_capabilities")
+        chardevs = {c["label"]: c for c in qmp.execute("query-chardev")["return"]}
+        assert chardevs["con"]["frontend-open"] is True  # the port uses it
+        assert chardevs["con"]["filename"] == f"unix:{path},server=on"
         guest.wait_line(r"console ready device=\d+ max-ports=1 ", 120)
         guest.wait_line(r"console port-add id=0$", 60)
         guest.wait_line(r"console console-port id=0$", 60)
@@ -98,19 +106,41 @@ def test_console_port_output_input_and_reconnect(svtest_guest: Path, tmp_path: P
         guest.close()
 
 
-def test_serial_port_name_and_echo(svtest_guest: Path, tmp_path: Path,
-                                   artifact_dir: Path) -> None:
-    console, port = tmp_path / "console.sock", tmp_path / "port1.sock"
-    argv = console_argv(
-        svtest_guest, "-device", "virtio-serial-device,id=vs0",
+def serial_port_argv(monitor: str, guest: Path, console: Path, port: Path) -> list[str]:
+    """A console port and port 1 (named) on socket chardevs, on `monitor`."""
+    if monitor == "qemu":
+        cpu = "host,-arch-capabilities" if host_is_pvm() else "host"
+        return [QEMU, "-enable-kvm",
+                "-M", "microvm,acpi=off,kernel_irqchip=on,pit=on,pic=on,rtc=off", "-cpu", cpu,
+                "-m", "256", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+                "-serial", "stdio", "-kernel", str(guest),
+                "-append", "svtest.action=console svtest.timeout_ms=300000",
+                "-global", "virtio-mmio.force-legacy=false", "-device", "virtio-serial-device",
+                "-chardev", f"socket,id=con,path={console},server=on,wait=off",
+                "-chardev", f"socket,id=p1,path={port},server=on,wait=off",
+                "-device", "virtconsole,chardev=con",
+                "-device", "virtserialport,chardev=p1,nr=1,name=org.svtest.port1"]
+    return console_argv(
+        guest, "-device", "virtio-serial-device,id=vs0",
         "-chardev", f"socket,id=con,path={console},server,nowait",
         "-chardev", f"socket,id=p1,path={port},server,nowait",
         "-device", "virtconsole,id=con0,chardev=con",
         "-device", "virtserialport,id=port1,chardev=p1,nr=1,name=org.svtest.port1")
+
+
+@pytest.mark.parametrize("monitor", ["qemu", "ours"])
+def test_serial_port_name_and_echo(monitor: str, svtest_guest: Path, tmp_path: Path,
+                                   artifact_dir: Path) -> None:
+    """The driver against QEMU (the reference) and ours: port 1's name, echo on it."""
+    if monitor == "qemu":
+        require_qemu()
+    console, port = tmp_path / "console.sock", tmp_path / "port1.sock"
+    argv = serial_port_argv(monitor, svtest_guest, console, port)
     guest = Guest(Host(), argv, artifact_dir / "serial.log")
     try:
         wait_for_socket(guest.process, port)
-        guest.wait_line(r"console ready device=\d+ max-ports=2 ", 120)
+        ready = guest.wait_line(r"console ready device=\d+ max-ports=(\d+) ", 120)
+        assert int(ready.group(1)) == (2 if monitor == "ours" else 31)  # QEMU's default
         guest.wait_line(r"console port-add id=1$", 60)
         guest.wait_line(r"console port-name id=1 name=org.svtest.port1$", 60)
         client = Client(port)
@@ -119,7 +149,6 @@ def test_serial_port_name_and_echo(svtest_guest: Path, tmp_path: Path,
         client.read_until(rb"echo: on port one\n")
         assert b"hello" not in client.data  # the hello line is port 0's
         first = Client(console)
-        first.read_until(rb"svtest-console hello\n")
         first.sock.sendall(b"quit\n")
         guest.wait_line(r"console done echoed=1 away=0$", 60)
         client.close()
