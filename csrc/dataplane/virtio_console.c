@@ -64,6 +64,7 @@ static void flush_ctrl(struct svpy_console *console)
 
     if (!console->multiport || !vq->active)
         return;
+again:
     while (console->ctrl_len) {
         const struct svpy_console_ctrl *msg = &console->ctrl[console->ctrl_start];
         uint8_t header[CTRL_HEADER];
@@ -96,8 +97,10 @@ static void flush_ctrl(struct svpy_console *console)
         console->ctrl_start = (console->ctrl_start + 1) % SVPY_CONSOLE_CTRL_PENDING;
         console->ctrl_len--;
     }
-    if (console->ctrl_len)
-        svpy_vq_enable_notify(vq);
+    /* Out of buffers with messages left: hear of the next ones (or take those that
+     * came meanwhile). */
+    if (console->ctrl_len && svpy_vq_enable_notify(vq))
+        goto again;
     if (completed)
         interrupt_if_needed(console, vq);
 }
