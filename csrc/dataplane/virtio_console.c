@@ -121,6 +121,8 @@ static void send_ctrl(struct svpy_console *console, uint32_t id, uint16_t event,
     flush_ctrl(console);
 }
 
+static void fill_rx(struct svpy_console *console, struct svpy_console_port *port);
+
 static void port_ready(struct svpy_console *console, struct svpy_console_port *port)
 {
     port->guest_ready = 1;
@@ -152,8 +154,10 @@ static void handle_ctrl(struct svpy_console *console, uint32_t id, uint16_t even
             port_ready(console, port);
         break;
     case VIRTIO_CONSOLE_PORT_OPEN:
-        if (port)
+        if (port) {
             port->guest_open = value ? 1 : 0;
+            fill_rx(console, port); /* input that waited for a reader */
+        }
         break;
     default:
         break; /* nothing else is the driver's to send */
@@ -388,7 +392,9 @@ static void fill_rx(struct svpy_console *console, struct svpy_console_port *port
     struct svpy_virtqueue *vq = &console->vqs[svpy_console_port_queue(port->nr, 0)];
     int completed = 0;
 
-    if (!vq->active)
+    /* Linux drops what arrives on a port no process has open: input waits (as
+     * QEMU's does) until the guest says it opened the port. */
+    if (!vq->active || !port->guest_open)
         return;
     for (;;) {
         while (port->in_len) {

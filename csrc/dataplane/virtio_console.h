@@ -10,7 +10,8 @@
  * that buffer while nobody is connected, for the next client.
  *
  * Host input arrives per chunk from the control plane (svpy_console_input)
- * into a bounded buffer, copied into the guest's receive buffers as they come.
+ * into a bounded buffer, copied into the guest's receive buffers as they come
+ * while the guest has the port open (PORT_OPEN 1 from the driver).
  *
  * Control messages the device sends wait in a small queue until the guest
  * gives control receive buffers. */

@@ -22,6 +22,8 @@ from tests.integration.test_linux_guest import (
 
 pytestmark = pytest.mark.linux
 
+PORT_NAME = "org.stratovirt.test.1"
+
 
 class HvcConsole(Client):
     """A client of the console socket; what it read is also kept in a log."""
@@ -67,6 +69,7 @@ def hvc_guest(tmp_path_factory):
             pytest.fail(f"{path} is missing: run scripts/setup")
     workdir = tmp_path_factory.mktemp("hvc")
     console_path, qmp_path = workdir / "console.sock", workdir / "qmp.sock"
+    port_path = workdir / "port1.sock"
     artifacts = ARTIFACTS / "linux-console"
     artifacts.mkdir(parents=True, exist_ok=True)
     stderr = open(artifacts / "monitor.stderr", "wb")  # noqa: SIM115 (closed below)
@@ -76,6 +79,8 @@ def hvc_guest(tmp_path_factory):
          "-device", "virtio-serial-device",
          "-chardev", f"socket,id=hvc,path={console_path},server,nowait",
          "-device", "virtconsole,id=con0,chardev=hvc",
+         "-chardev", f"socket,id=p1,path={port_path},server,nowait",
+         "-device", f"virtserialport,id=port1,chardev=p1,nr=1,name={PORT_NAME}",
          "-qmp", f"unix:{qmp_path},server,nowait"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=monitor_env())
     try:
@@ -87,7 +92,7 @@ def hvc_guest(tmp_path_factory):
         wait_for_socket(process, qmp_path)
         qmp = Qmp(qmp_path)
         qmp.execute("qmp_capabilities")
-        yield console, qmp
+        yield console, qmp, port_path
         console.close()
     finally:
         process.kill()
@@ -96,7 +101,7 @@ def hvc_guest(tmp_path_factory):
 
 
 def test_kernel_messages_and_shell_on_hvc0(hvc_guest):
-    console, _ = hvc_guest
+    console, _, _ = hvc_guest
     assert b"Run /init as init process" in console.data  # the kernel's own console is hvc0
     assert console.shell("echo hel$((1+1))lo; uname -s").split() == ["hel2lo", "Linux"]
     tty = console.shell("cat /proc/consoles; ls /sys/class/virtio-ports")
@@ -105,7 +110,7 @@ def test_kernel_messages_and_shell_on_hvc0(hvc_guest):
 
 
 def test_stop_and_cont_change_nothing(hvc_guest):
-    console, qmp = hvc_guest
+    console, qmp, _ = hvc_guest
     command = "echo $((6*7)); uname -r; test -c /dev/hvc0 && echo ok"
     before = console.shell(command)
     assert qmp.execute("stop") == {"return": {}}
@@ -121,6 +126,21 @@ def test_stop_and_cont_change_nothing(hvc_guest):
 
 
 def test_a_new_client_gets_the_shell(hvc_guest):
-    console, _ = hvc_guest
+    console, _, _ = hvc_guest
     console.reconnect()
     assert console.shell("echo again-$((2+3))").split() == ["again-5"]
+
+
+def test_a_named_serial_port_both_ways(hvc_guest):
+    console, _, port_path = hvc_guest
+    found = console.shell(f"grep -l {PORT_NAME} /sys/class/virtio-ports/*/name")
+    device = re.search(r"virtio-ports/(vport\d+p1)/name", found)
+    assert device, found
+    port = Client(port_path)
+    try:
+        assert console.shell(f"echo from-guest > /dev/{device.group(1)}").strip() == ""
+        port.read_until(rb"from-guest\n", 60)
+        port.sock.sendall(b"to-guest\n")
+        assert console.shell(f"head -n 1 /dev/{device.group(1)}").split() == ["to-guest"]
+    finally:
+        port.close()

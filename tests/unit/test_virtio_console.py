@@ -291,6 +291,9 @@ def test_a_port_without_a_backend_discards(rig):
 def test_input_reaches_the_guest_per_chunk(rig):
     assert rig.device.port_input(1, b"early ") == 6  # no receive buffer yet: kept
     addr = rig.give_rx_buffer(1, 64)
+    time.sleep(0.05)
+    assert rig.queues[RX[1]].used_idx() == 0  # the port is not open in the guest: it waits
+    rig.send(1, PORT_OPEN, 1)
     assert rig.received(1, addr) == b"early "
     addr = rig.give_rx_buffer(1, 4)
     assert rig.device.port_input(1, b"abcdefgh") == 8
@@ -298,6 +301,20 @@ def test_input_reaches_the_guest_per_chunk(rig):
     addr = rig.give_rx_buffer(1, 64)
     assert rig.received(1, addr) == b"efgh"
     assert rig.device.port_state(1)["rx_bytes"] == 14
+
+
+def test_input_waits_while_the_guest_has_the_port_closed(rig):
+    rig.send(1, PORT_OPEN, 1)
+    addr = rig.give_rx_buffer(1, 64)
+    rig.device.port_input(1, b"one")
+    assert rig.received(1, addr) == b"one"
+    rig.send(1, PORT_OPEN, 0)
+    addr = rig.give_rx_buffer(1, 64)
+    rig.device.port_input(1, b"two")
+    time.sleep(0.05)
+    assert rig.device.port_state(1)["in_len"] == 3 and rig.queues[RX[1]].used_idx() == 1
+    rig.send(1, PORT_OPEN, 1)
+    assert rig.received(1, addr) == b"two"
 
 
 def test_without_multiport_port_0_still_works():
