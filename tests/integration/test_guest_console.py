@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import MONITOR, Qmp, wait_for_socket
+from tests.helpers import MONITOR, Qmp, monitor_env, wait_for_socket
 from tests.integration.test_guest_balloon import Host
 from tests.integration.test_guest_net import QEMU, Guest, host_is_pvm, require_qemu
 
@@ -155,3 +156,23 @@ def test_serial_port_name_and_echo(monitor: str, svtest_guest: Path, tmp_path: P
         first.close()
     finally:
         guest.close()
+
+
+def test_console_port_on_stdio(svtest_guest: Path, tmp_path: Path) -> None:
+    """The monitor's own stdin and stdout as the console port (serial to a file)."""
+    serial = tmp_path / "serial.log"
+    argv = [*MONITOR, "-kernel", str(svtest_guest), "-serial", f"file,path={serial}",
+            "-append", "svtest.action=console svtest.timeout_ms=300000",
+            "-device", "virtio-serial-device", "-chardev", "stdio,id=s",
+            "-device", "virtconsole,id=con0,chardev=s"]
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=monitor_env())
+    try:
+        # Sent at once: the port keeps it until the guest opens the port.
+        out, err = process.communicate(b"ping\nquit\n", timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert out == b"svtest-console hello\necho: ping\n", (out, err)
+    assert "svtest: console done echoed=1 away=0" in serial.read_text()
