@@ -332,6 +332,32 @@ def test_without_multiport_port_0_still_works():
         rig.close()
 
 
+def test_odd_chains_and_messages_are_survived(rig):
+    rig.handshake()
+    for port, event in ((7, PORT_READY), (0xFFFFFFFF, PORT_OPEN), (1, 99), (2, PORT_READY)):
+        rig.send(port, event, 1)  # ports that do not exist, an unknown event
+    assert rig.no_more_messages()
+    short, before = rig.alloc(4), rig.queues[CTRL_TX].used_idx()
+    rig.post(CTRL_TX, [(short, 4, 0)])  # shorter than a message: ignored
+    rig.wait_used(CTRL_TX, before + 1)
+    assert rig.no_more_messages()
+    # A receive buffer the device may not write and a transmit buffer it may.
+    rig.send(1, PORT_OPEN, 1)
+    readonly = rig.alloc(16)
+    rig.guest.write(readonly, b"R" * 16)
+    rig.post(RX[1], [(readonly, 16, 0)])
+    rig.device.port_input(1, b"data")
+    rig.wait_used(RX[1], 1)
+    assert rig.queues[RX[1]].used_elem(0) == (0, 0)
+    assert rig.guest.read(readonly, 16) == b"R" * 16
+    assert rig.device.port_state(1)["in_len"] == 4  # kept for a buffer it may write
+    writable = rig.alloc(16)
+    rig.post(TX[1], [(writable, 16, F_WRITE)])
+    rig.wait_used(TX[1], 1)
+    assert not rig.device.shared.broken
+    assert rig.device.port_state(1)["tx_bytes"] == 0
+
+
 def test_a_broken_control_chain_breaks_the_device(rig):
     rig.post(CTRL_TX, [(0xDEAD0000, 8, 0)])  # outside guest RAM
     deadline = time.monotonic() + 5
