@@ -49,6 +49,8 @@ from stratovirt_py.devices.virtio.block import VirtioBlock
 from stratovirt_py.devices.virtio.dataplane import IoThread, c_guest_memory
 from stratovirt_py.devices.virtio.manager import VirtioMmioManager
 from stratovirt_py.devices.virtio.net import VirtioNet
+from stratovirt_py.devices.virtio.rng import QUEUES as RNG_QUEUES
+from stratovirt_py.devices.virtio.rng import VirtioRng, open_rng_source
 from stratovirt_py.errors import BootError, MonitorError
 from stratovirt_py.hotplug import Hotplug, HotplugError
 from stratovirt_py.kvm import Kvm, KvmError, Vcpu, Vm, ffi, lib
@@ -103,6 +105,7 @@ class VmBuilder:
         hotplug = Hotplug(self._add_slots(virtio, iothreads), BackendRegistry())
         self._plug_boot_devices(hotplug)
         balloon = self._add_balloon(virtio, memory.total)
+        self._add_rng(virtio)
 
         kernel = load_kernel(memory, config.kernel or "")
         initrd = load_initrd(memory, config.initrd, kernel) if config.initrd else None
@@ -205,6 +208,22 @@ class VmBuilder:
                                queues=BALLOON_QUEUES)
         balloon.attach(transport.device, transport.notify_config_change)
         return balloon
+
+    def _add_rng(self, virtio: VirtioMmioManager) -> VirtioRng | None:
+        """The virtio-rng device, after the balloon (the next window and IRQ), if the
+        configuration has one.  An unreadable source is a ConfigError naming it."""
+        config = self.config.rng
+        if config is None:
+            return None
+        source_fd = open_rng_source(config)
+        try:
+            transport = virtio.add(functools.partial(VirtioRng, "rng", config=config,
+                                                     source_fd=source_fd), queues=RNG_QUEUES)
+        except BaseException:
+            os.close(source_fd)
+            raise
+        assert isinstance(transport.device, VirtioRng)
+        return transport.device
 
     def _plug_boot_devices(self, hotplug: Hotplug) -> None:
         for disk in self.config.disks:

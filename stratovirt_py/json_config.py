@@ -1,7 +1,7 @@
 """The legacy StratoVirt `-config FILE.json` format (v0.x/v1), read into MachineConfig.
 
 Keys as in StratoVirt's old config guidebook: machine-config, boot-source,
-drive, net, serial, balloon.  Memory sizes here default to bytes, as they did
+drive, net, serial, balloon, rng.  Memory sizes here default to bytes, as they did
 there.  Unknown keys are errors, so a typo never silently changes the VM.
 """
 
@@ -11,6 +11,8 @@ import json
 from typing import Any
 
 from stratovirt_py.config import (
+    RNG_MAX_BYTES_PER_SEC,
+    RNG_MIN_BYTES_PER_SEC,
     BalloonConfig,
     CpuTopology,
     DiskConfig,
@@ -18,6 +20,7 @@ from stratovirt_py.config import (
     MachineConfig,
     NetdevConfig,
     NicConfig,
+    RngConfig,
     SerialConfig,
     SerialKind,
     check_memory_size,
@@ -28,7 +31,7 @@ from stratovirt_py.errors import ConfigError
 
 TOP_LEVEL_KEYS = {"machine-config", "boot-source", "drive", "net", "serial", "balloon",
                   "console", "vsock", "iothread", "rng", "pflash"}
-NOT_SUPPORTED_KEYS = {"console", "vsock", "rng", "pflash"}
+NOT_SUPPORTED_KEYS = {"console", "vsock", "pflash"}
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
@@ -149,7 +152,25 @@ def parse_json_config(data: Any) -> MachineConfig:
             free_page_reporting=_expect(balloon.get("free_page_reporting", False), bool,
                                         "balloon.free_page_reporting"),
         )
+    if "rng" in data:
+        values["rng"] = _rng(data)
     return MachineConfig(**values)
+
+
+def _rng(data: dict[str, Any]) -> RngConfig:
+    """StratoVirt v1's `rng`: {"random_file": PATH, "bytes_per_sec": N?}; the rate is
+    max-bytes=N per period=1000 ms, under the command line's [64, 1e9] rule."""
+    rng = _section(data, "rng", {"random_file", "bytes_per_sec"})
+    if "random_file" not in rng:
+        raise ConfigError("-config: 'rng.random_file' is required")
+    path = _expect(rng["random_file"], str, "rng.random_file")
+    if not path:
+        raise ConfigError("-config: 'rng.random_file' is empty")
+    rate = _expect(rng.get("bytes_per_sec"), (int, type(None)), "rng.bytes_per_sec")
+    if rate is not None and not RNG_MIN_BYTES_PER_SEC <= rate <= RNG_MAX_BYTES_PER_SEC:
+        raise ConfigError(f"-config: rng.bytes_per_sec={rate} is out of range "
+                          f"[{RNG_MIN_BYTES_PER_SEC}, {RNG_MAX_BYTES_PER_SEC}]")
+    return RngConfig(filename=path, max_bytes=rate, period_ms=None if rate is None else 1000)
 
 
 def load_json_config(path: str) -> MachineConfig:
