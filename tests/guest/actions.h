@@ -46,4 +46,7 @@ NORETURN void action_net_hostile(void);        /* net_hostile.c */
 NORETURN void action_balloon(void);            /* balloon_actions.c */
 NORETURN void action_balloon_hostile(void);    /* balloon_hostile.c */
 
+/* virtio-rng (README.md, "virtio-rng action") */
+NORETURN void action_rng(void);                /* rng_actions.c */
+
 #endif

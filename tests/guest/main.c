@@ -50,6 +50,7 @@ static const struct action actions[] = {
     { "net-hostile", action_net_hostile },
     { "balloon", action_balloon },
     { "balloon-hostile", action_balloon_hostile },
+    { "rng", action_rng },
     { "smp", action_smp },
 };
 
