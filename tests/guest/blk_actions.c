@@ -129,11 +129,23 @@ void action_blk_write_pattern(void)
     blk_options_from_cmdline(&opts);
     blk_open_or_finish(&b, action, &opts);
     struct range r = range_from_cmdline(&b, action);
+    /* svtest.flush_every=N: a FLUSH after every N chunks, and the sector below which
+     * everything was written and flushed, for a host that kills the monitor then. */
+    uint64_t flush_every = cmdline_get_u64(boot_info.cmdline, "svtest.flush_every", 0);
+    uint64_t chunks = 0;
     for (uint64_t done = 0; done < r.count;) {
         uint32_t n = next_chunk(&r, done);
         pattern_fill_host(blk_wbuf, r.sector + done, n, r.seed);
         chunk_io_or_finish(&b, action, VIRTIO_BLK_T_OUT, r.sector + done, blk_wbuf, n);
         done += n;
+        if (flush_every && b.flush && ++chunks % flush_every == 0) {
+            int st = blk_do(&b, VIRTIO_BLK_T_FLUSH, 0, NULL, 0, false);
+            if (st != VIRTIO_BLK_S_OK) {
+                report("%s FAIL flush=%s", action, blk_result_name(st));
+                finish();
+            }
+            report("%s flushed upto=%lu", action, r.sector + done);
+        }
     }
     const char *flush = "not-negotiated";
     if (b.flush) {
