@@ -48,5 +48,6 @@ NORETURN void action_balloon_hostile(void);    /* balloon_hostile.c */
 
 /* virtio-rng (README.md, "virtio-rng action") */
 NORETURN void action_rng(void);                /* rng_actions.c */
+NORETURN void action_rng_hostile(void);        /* rng_actions.c */
 
 #endif

@@ -17,11 +17,21 @@
  *       tsc-khz=.. tsc-source=..
  * `beyond` counts bytes the device changed past the length it reported (must be 0);
  * `short` answers gave fewer bytes than asked (allowed: the rest is asked again).
+ *
+ * The rng-hostile action posts one bad request per case, each on a freshly
+ * initialised device, then checks that a normal request is answered again:
+ *   readonly  one device-readable buffer (nothing to fill)
+ *   huge      one writable buffer of 1 MiB
+ *   oob       one writable buffer beyond guest RAM
+ * Lines: `rng-hostile case=<name> result=<ok|timeout|needs-reset|...> len=N changed=N`
+ * (changed: bytes of a read-only buffer the device wrote) and then
+ * `rng-hostile recovered result=<...> len=N`.
  */
 #include "actions.h"
 #include "blk_actions.h"
 #include "bootinfo.h"
 #include "cmdline.h"
+#include "guestmem.h"
 #include "printf.h"
 #include "string.h"
 #include "tsc.h"
@@ -150,5 +160,63 @@ void action_rng(void)
         }
     }
     report_result(&run, NULL);
+    finish();
+}
+
+/* ---------------------------------------------------------------- rng-hostile */
+
+#define HOSTILE_HUGE (1u << 20)
+
+static void hostile_init(struct rng_dev *dev, int index, const char *step)
+{
+    const char *why = rng_init(dev, &virtio_devs[index], RNG_QUEUE_SIZE, 2000);
+    if (why) {
+        report("rng-hostile FAIL init=%s step=%s", why, step);
+        finish();
+    }
+}
+
+void action_rng_hostile(void)
+{
+    static struct rng_dev dev;
+    static const char *const cases[] = { "readonly", "huge", "oob" };
+    uint8_t *buffer = rng_buffer();
+    unsigned count = 0;
+    int index = rng_find(&count);
+    if (index < 0) {
+        report("rng-hostile FAIL init=no-device rngs=%u", count);
+        finish();
+    }
+    for (unsigned c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        hostile_init(&dev, index, cases[c]);
+        struct vq_buf buf = { .addr = (uint64_t)(uintptr_t)buffer, .len = 64, .write = false };
+        if (c == 0)
+            memset(buffer, 0x5a, 64);
+        if (c == 1) {
+            /* The .noinit buffer is 256 KiB; the rest of the MiB is the guest's free RAM. */
+            buf.len = HOSTILE_HUGE;
+            buf.write = true;
+        }
+        if (c == 2) {
+            buf.addr = guest_ram_top_below_4g() + (64u << 20);
+            buf.write = true;
+        }
+        int head = vq_add(&dev.vq, &buf, 1, NULL);
+        vq_publish(&dev.vq, (uint16_t)head);
+        vm_notify(dev.mmio, 0);
+        uint32_t id = 0, len = 0, changed = 0;
+        int ret = rng_wait_used(&dev, &id, &len);
+        if (c == 0)
+            for (unsigned i = 0; i < 64; i++)
+                changed += buffer[i] != 0x5a;
+        report("rng-hostile case=%s result=%s len=%u changed=%u", cases[c],
+               rng_result_name(ret), ret ? 0 : len, changed);
+    }
+    hostile_init(&dev, index, "recovery");
+    memset(buffer, 0, 64);
+    int head = rng_request(&dev, (uint64_t)(uintptr_t)buffer, 64);
+    uint32_t id = 0, len = 0;
+    int ret = head < 0 ? head : rng_wait_used(&dev, &id, &len);
+    report("rng-hostile recovered result=%s len=%u", rng_result_name(ret), ret ? 0 : len);
     finish();
 }

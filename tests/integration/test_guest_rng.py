@@ -144,3 +144,31 @@ def test_a_missing_source_is_a_clear_error_and_leaves_nothing(svtest_guest, tmp_
 ])
 def test_bad_rng_options(svtest_guest, rng_args, pattern):
     assert_one_line_error(run_monitor(["-kernel", str(svtest_guest), *rng_args]), pattern)
+
+
+def test_hostile_requests_then_the_device_recovers(svtest_guest, artifact_dir):
+    """Ours only: QEMU 7.2 leaves a chain with nothing writable unanswered (the guest's
+    wait times out) and answers the buffer beyond RAM, so it is no reference here."""
+    guest = Guest(Host(), [*MONITOR, "-kernel", str(svtest_guest), "-serial", "stdio",
+                           "-append", "svtest.action=rng-hostile",
+                           "-object", "rng-random,id=rng0,filename=/dev/urandom",
+                           "-device", "virtio-rng-device,rng=rng0"], artifact_dir / "ours.log")
+    try:
+        guest.wait_line(r"svtest: rng-hostile recovered", timeout=60)
+        assert guest.wait_exit() == 0, guest.output
+    finally:
+        guest.close()
+    results = {f["case"]: f for f in (fields(line) for line in guest.output.splitlines()
+                                      if line.startswith("svtest: rng-hostile case="))}
+    # Nothing writable: answered with 0 bytes and the read-only buffer untouched.
+    assert (results["readonly"]["result"], results["readonly"]["len"],
+            results["readonly"]["changed"]) == ("ok", "0", "0")
+    # 1 MiB asked: one request's cap, 64 KiB.
+    assert (results["huge"]["result"], results["huge"]["len"]) == ("ok", "65536")
+    # Beyond RAM: the device needs a reset (and the monitor says why).
+    assert results["oob"]["result"] == "needs-reset"
+    stderr = (artifact_dir / "ours.stderr").read_text()
+    assert "rng: guest error: buffer outside guest RAM; device needs reset" in stderr
+    recovered = fields(next(line for line in guest.output.splitlines()
+                            if "rng-hostile recovered" in line))
+    assert (recovered["result"], recovered["len"]) == ("ok", "64")
