@@ -267,8 +267,9 @@ def _add_netdev(value: str, builder: _Builder) -> None:
 
 
 def _add_object(value: str, builder: _Builder) -> None:
-    """-object iothread,id=ID gives devices that name it a thread of their own; other
-    objects (libvirt's secrets, memory backends) change nothing here and are ignored."""
+    """-object iothread,id=ID gives devices that name it a thread of their own, and
+    -object rng-random,id=ID,filename=P a virtio-rng its source; other objects
+    (libvirt's secrets, memory backends) change nothing here and are ignored."""
     options = split_options(value, "-object", positional="type")
     if options.get("type") == "rng-random":
         _add_rng_object(options, builder)
