@@ -12,7 +12,7 @@ from cffi import FFI
 
 DATAPLANE = Path(__file__).resolve().parent / "dataplane"
 SOURCES = ["virtqueue.c", "virtio_device.c", "iothread.c", "virtio_blk.c", "virtio_net.c",
-           "virtio_balloon.c", "vcpu_fastpath.c", "virtio_console.c"]
+           "virtio_balloon.c", "vcpu_fastpath.c", "virtio_console.c", "virtio_rng.c"]
 
 CDEF = """
 struct iovec { void *iov_base; size_t iov_len; };
@@ -166,6 +166,30 @@ struct svpy_balloon {
     ...;
 };
 
+struct svpy_rng_stats {
+    uint64_t requests;
+    uint64_t bytes;
+    uint64_t empty;
+    uint64_t read_errors;
+    uint64_t throttled;
+    uint64_t source_waits;
+    uint64_t yields;
+};
+
+#define SVPY_RNG_MAX_REQUEST_BYTES ...
+struct svpy_rng {
+    struct svpy_device dev;
+    struct svpy_virtqueue vq;
+    int source_fd;
+    uint64_t max_bytes;
+    uint64_t period_ns;
+    uint64_t budget;
+    int timer_fd;
+    uint8_t waiting;
+    struct svpy_rng_stats stats;
+    ...;
+};
+
 struct svpy_iothread {
     int epoll_fd;
     int failure_fd;
@@ -307,6 +331,14 @@ uint32_t svpy_console_input(struct svpy_console *console, unsigned nr, const uin
                             uint32_t len);
 unsigned svpy_console_port_queue(unsigned nr, int tx);
 void svpy_console_destroy(struct svpy_console *console);
+int svpy_rng_init(struct svpy_rng *rng, const struct svpy_guest_memory *mem, int irqfd,
+                  int error_fd, const int *kick_fds);
+int svpy_rng_attach(struct svpy_rng *rng, struct svpy_iothread *thread);
+void svpy_rng_configure(struct svpy_rng *rng, int source_fd, uint64_t max_bytes,
+                        uint64_t period_ms);
+void svpy_rng_start(struct svpy_rng *rng);
+void svpy_rng_stop(struct svpy_rng *rng);
+void svpy_rng_destroy(struct svpy_rng *rng);
 """
 
 ffibuilder = FFI()
@@ -316,6 +348,7 @@ ffibuilder.set_source(
     '#include <sys/uio.h>\n#include "virtio_blk.h"\n#include "virtio_net.h"\n'
     '#include "virtio_balloon.h"\n'
     '#include "virtio_console.h"\n'
+    '#include "virtio_rng.h"\n'
     '#include "vcpu_fastpath.h"\n',
     # setuptools insists on paths relative to the project root.
     sources=[os.path.relpath(DATAPLANE / name) for name in SOURCES],

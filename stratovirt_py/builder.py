@@ -50,6 +50,8 @@ from stratovirt_py.devices.virtio.console import VirtioSerial, queue_count
 from stratovirt_py.devices.virtio.dataplane import IoThread, c_guest_memory
 from stratovirt_py.devices.virtio.manager import VirtioMmioManager
 from stratovirt_py.devices.virtio.net import VirtioNet
+from stratovirt_py.devices.virtio.rng import QUEUES as RNG_QUEUES
+from stratovirt_py.devices.virtio.rng import VirtioRng, open_rng_source
 from stratovirt_py.errors import BootError, MonitorError
 from stratovirt_py.hotplug import Hotplug, HotplugError
 from stratovirt_py.kvm import Kvm, KvmError, Vcpu, Vm, ffi, lib
@@ -107,6 +109,12 @@ class VmBuilder:
         # Every chardev now: the console's ports use theirs.
         chardevs = self._create_chardevs()
         console = self._add_console(virtio, chardevs)
+        try:
+            rng = self._add_rng(virtio)
+        except BaseException:
+            for chardev in chardevs.values():  # sockets made are removed again
+                chardev.close()
+            raise
 
         kernel = load_kernel(memory, config.kernel or "")
         initrd = load_initrd(memory, config.initrd, kernel) if config.initrd else None
@@ -144,7 +152,7 @@ class VmBuilder:
             iothreads=list(iothreads.values()),
             hotplug=hotplug,
             cmdline=cmdline, fastpath=fastpath, console_fastpath=console_fastpath,
-            balloon=balloon, console=console))
+            balloon=balloon, console=console, rng=rng))
         log.info("VM '%s' built: %d vCPU(s), %d MiB, kernel %s, cmdline: %s", config.name,
                  config.topology.cpus, config.memory_size >> 20, config.kernel, cmdline)
 
@@ -228,6 +236,22 @@ class VmBuilder:
         return console
 
     # --- end virtio-console ---
+
+    def _add_rng(self, virtio: VirtioMmioManager) -> VirtioRng | None:
+        """The virtio-rng device, after the balloon (the next window and IRQ), if the
+        configuration has one.  An unreadable source is a ConfigError naming it."""
+        config = self.config.rng
+        if config is None:
+            return None
+        source_fd = open_rng_source(config)
+        try:
+            transport = virtio.add(functools.partial(VirtioRng, "rng", config=config,
+                                                     source_fd=source_fd), queues=RNG_QUEUES)
+        except BaseException:
+            os.close(source_fd)
+            raise
+        assert isinstance(transport.device, VirtioRng)
+        return transport.device
 
     def _plug_boot_devices(self, hotplug: Hotplug) -> None:
         for disk in self.config.disks:

@@ -18,8 +18,10 @@ from stratovirt_py.config import (
     MachineConfig,
     NetdevConfig,
     NicConfig,
+    RngConfig,
     VirtioSerialConfig,
     check_memory_size,
+    check_rng_rate,
     parse_bool,
     parse_chardev,
     parse_int,
@@ -49,8 +51,10 @@ usage: stratovirt-py [options]
           | virtio-balloon-device[,id=ID][,deflate-on-oom=on|off][,free-page-reporting=on|off]
           | virtio-serial-device[,id=ID] | virtconsole,id=ID,chardev=CID[,nr=0]
           | virtserialport,id=ID,chardev=CID,nr=N[,name=NAME]
+          | virtio-rng-device,rng=ID[,id=DEV][,max-bytes=N,period=MS]
   -netdev tap,id=ID,ifname=TAP|fd=N
   -object iothread,id=ID    an I/O thread for the devices that give iothread=ID
+  -object rng-random,id=ID,filename=PATH   a random source for virtio-rng-device,rng=ID
   -config FILE.json         legacy JSON configuration (command-line values win)
   -D [LOGFILE]              log to LOGFILE (or stderr)
   -daemonize, -pidfile P    run in the background; write the pid to P
@@ -80,6 +84,10 @@ class _Builder:
     chardevs: list[ChardevConfig] = field(default_factory=list)
     config_file: str | None = None
     virtio_serial: VirtioSerialConfig | None = None  # virtio-console
+    # virtio-rng: -object rng-random ids -> filename, and the device (resolved in _finish,
+    # so that -object may come after -device, as QEMU allows).
+    rng_objects: dict[str, str] = field(default_factory=dict)
+    rng_device: RngConfig | None = None
 
 
 def parse_machine(text: str, builder: _Builder) -> None:
@@ -196,6 +204,8 @@ def parse_device(text: str, builder: _Builder) -> None:
         )
     elif driver in CONSOLE_DRIVERS:
         parse_console_device(driver, options, builder)
+    elif driver in ("virtio-rng-device", "virtio-rng-mmio"):
+        builder.rng_device = _parse_rng_device(driver, options, builder)
     else:
         raise ConfigError(f"unsupported -device '{driver}'")
 
@@ -243,6 +253,47 @@ def parse_console_device(driver: str, options: dict[str, str], builder: _Builder
         builder.virtio_serial, ports=(*builder.virtio_serial.ports, port))
 
 # --- end virtio-console ---
+# --- virtio-rng ---
+
+def _parse_rng_device(driver: str, options: dict[str, str], builder: _Builder) -> RngConfig:
+    what = f"-device {driver}"
+    reject_unknown(options, {"id", "rng", "max-bytes", "period"}, what)
+    if builder.rng_device is not None:
+        raise ConfigError(f"invalid {what}: only one virtio-rng device is supported")
+    if not options.get("rng"):
+        raise ConfigError(f"invalid {what}: rng=<id of an -object rng-random> is required")
+    if "id" in options and not options["id"]:
+        raise ConfigError(f"invalid {what}: empty id")
+    max_bytes = parse_int(options["max-bytes"], "max-bytes") if "max-bytes" in options else None
+    period = parse_int(options["period"], "period") if "period" in options else None
+    check_rng_rate(max_bytes, period, what)
+    # The filename comes from the -object, found in _finish.
+    return RngConfig(id=options.get("id") or "rng0", rng=options["rng"], filename="",
+                     max_bytes=max_bytes, period_ms=period)
+
+
+def _add_rng_object(options: dict[str, str], builder: _Builder) -> None:
+    reject_unknown(options, {"type", "id", "filename"}, "-object rng-random")
+    if not options.get("id"):
+        raise ConfigError("invalid -object rng-random: 'id' is required")
+    if not options.get("filename"):
+        raise ConfigError("invalid -object rng-random: filename=<path> is required")
+    if options["id"] in builder.rng_objects:
+        raise ConfigError(f"-object rng-random id '{options['id']}' is used twice")
+    builder.rng_objects[options["id"]] = options["filename"]
+
+
+def _resolve_rng(builder: _Builder) -> RngConfig | None:
+    device = builder.rng_device
+    if device is None:
+        return None
+    filename = builder.rng_objects.get(device.rng)
+    if filename is None:
+        raise ConfigError(f"invalid -device virtio-rng-device: rng='{device.rng}' names no "
+                          "-object rng-random")
+    return dataclasses.replace(device, filename=filename)
+
+# --- end virtio-rng ---
 
 
 def _set(key: str, convert: Callable[[str], object] = str) -> Callable[[str, _Builder], None]:
@@ -266,9 +317,13 @@ def _add_netdev(value: str, builder: _Builder) -> None:
 
 
 def _add_object(value: str, builder: _Builder) -> None:
-    """-object iothread,id=ID gives devices that name it a thread of their own; other
-    objects (libvirt's secrets, memory backends) change nothing here and are ignored."""
+    """-object iothread,id=ID gives devices that name it a thread of their own, and
+    -object rng-random,id=ID,filename=P a virtio-rng its source; other objects
+    (libvirt's secrets, memory backends) change nothing here and are ignored."""
     options = split_options(value, "-object", positional="type")
+    if options.get("type") == "rng-random":
+        _add_rng_object(options, builder)
+        return
     if options.get("type") != "iothread":
         return
     reject_unknown(options, {"type", "id", "poll-max-ns", "poll-grow", "poll-shrink"},
@@ -369,6 +424,10 @@ def _finish(builder: _Builder) -> MachineConfig:
                                  *builder.chardevs)
     if builder.virtio_serial is not None:
         overrides["virtio_serial"] = builder.virtio_serial
+        overrides["chardevs"] = tuple(builder.chardevs)
+    rng = _resolve_rng(builder)
+    if rng is not None:
+        overrides["rng"] = rng
     return dataclasses.replace(base, **overrides).validate()  # type: ignore[arg-type]
 
 

@@ -339,6 +339,49 @@ class VirtioSerialConfig:
                                   "by another device")
 
 # --- end virtio-console ---
+# --- virtio-rng (-object rng-random + -device virtio-rng-device, JSON `rng`) ---
+
+# StratoVirt's bounds for the rate, max-bytes / period * 1000, in bytes per second.
+RNG_MIN_BYTES_PER_SEC = 64
+RNG_MAX_BYTES_PER_SEC = 1_000_000_000
+# Longer periods gain nothing and would overflow the data plane's nanoseconds.
+RNG_MAX_PERIOD_MS = 1 << 32
+
+
+@dataclass(frozen=True)
+class RngConfig:
+    """A virtio-rng device and its random source (`-object rng-random` or JSON `rng`).
+
+    Without max_bytes/period the guest gets what it asks for; with them, at most
+    max_bytes in any `period_ms` milliseconds."""
+
+    id: str = "rng0"  # the device's id
+    rng: str = "rng0"  # the -object rng-random it reads from
+    filename: str = "/dev/urandom"
+    max_bytes: int | None = None
+    period_ms: int | None = None
+
+
+def check_rng_rate(max_bytes: int | None, period_ms: int | None, what: str) -> None:
+    """StratoVirt's rule: both or neither, and max_bytes * 1000 / period_ms (integer
+    bytes per second) within [64, 1e9]."""
+    if (max_bytes is None) != (period_ms is None):
+        missing = "period" if period_ms is None else "max-bytes"
+        raise ConfigError(f"invalid {what}: max-bytes and period go together ('{missing}' "
+                          "is missing)")
+    if max_bytes is None or period_ms is None:
+        return
+    if not 1 <= period_ms <= RNG_MAX_PERIOD_MS:
+        raise ConfigError(f"invalid {what}: period={period_ms} is out of range "
+                          f"1..{RNG_MAX_PERIOD_MS} (milliseconds)")
+    rate = max_bytes * 1000 // period_ms
+    if not RNG_MIN_BYTES_PER_SEC <= rate <= RNG_MAX_BYTES_PER_SEC:
+        raise ConfigError(
+            f"invalid {what}: max-bytes={max_bytes},period={period_ms} is {rate} bytes/s; "
+            f"the rate must lie in [{RNG_MIN_BYTES_PER_SEC}, {RNG_MAX_BYTES_PER_SEC}]")
+
+
+# --- end virtio-rng ---
 
 
 @dataclass(frozen=True)
@@ -358,6 +401,7 @@ class MachineConfig:
     nics: tuple[NicConfig, ...] = ()
     balloon: BalloonConfig | None = None
     virtio_serial: VirtioSerialConfig | None = None  # virtio-console
+    rng: RngConfig | None = None
     log_file: str | None = None
     log_to_stderr: bool = False
     daemonize: bool = False
@@ -423,6 +467,8 @@ class MachineConfig:
         paths += [("QMP socket", path) for path in self.qmp_sockets]
         paths += [(f"chardev '{c.id}'", c.path) for c in self.chardevs if c.path is not None]
         paths += [(f"drive '{disk.drive.id}'", disk.drive.path) for disk in self.disks]
+        if self.rng is not None:
+            paths.append((f"rng-random '{self.rng.rng}' filename", self.rng.filename))
         return [(what, path) for what, path in paths if path is not None]
 
     def with_absolute_paths(self) -> MachineConfig:
@@ -446,4 +492,6 @@ class MachineConfig:
                 disk.drive, path=os.path.abspath(disk.drive.path))) for disk in self.disks),
             log_file=absolute(self.log_file),
             pidfile=absolute(self.pidfile),
+            rng=None if self.rng is None else dataclasses.replace(
+                self.rng, filename=os.path.abspath(self.rng.filename)),
         )

@@ -1,7 +1,7 @@
 """The legacy StratoVirt `-config FILE.json` format (v0.x/v1), read into MachineConfig.
 
 Keys as in StratoVirt's old config guidebook: machine-config, boot-source,
-drive, net, serial, balloon, console.  Memory sizes here default to bytes, as they did
+drive, net, serial, balloon, console, rng.  Memory sizes here default to bytes, as they did
 there.  Unknown keys are errors, so a typo never silently changes the VM.
 """
 
@@ -11,6 +11,8 @@ import json
 from typing import Any
 
 from stratovirt_py.config import (
+    RNG_MAX_BYTES_PER_SEC,
+    RNG_MIN_BYTES_PER_SEC,
     BalloonConfig,
     ChardevConfig,
     ConsolePortConfig,
@@ -20,6 +22,7 @@ from stratovirt_py.config import (
     MachineConfig,
     NetdevConfig,
     NicConfig,
+    RngConfig,
     SerialConfig,
     SerialKind,
     VirtioSerialConfig,
@@ -31,7 +34,7 @@ from stratovirt_py.errors import ConfigError
 
 TOP_LEVEL_KEYS = {"machine-config", "boot-source", "drive", "net", "serial", "balloon",
                   "console", "vsock", "iothread", "rng", "pflash"}
-NOT_SUPPORTED_KEYS = {"vsock", "rng", "pflash"}
+NOT_SUPPORTED_KEYS = {"vsock", "pflash"}
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
@@ -153,6 +156,8 @@ def parse_json_config(data: Any) -> MachineConfig:
                                         "balloon.free_page_reporting"),
         )
     values.update(_console(data))
+    if "rng" in data:
+        values["rng"] = _rng(data)
     return MachineConfig(**values)
 
 
@@ -178,6 +183,22 @@ def _console(data: dict[str, Any]) -> dict[str, Any]:
                 ConsolePortConfig(console_id, console_id, 0, is_console=True),))}
 
 # --- end virtio-console ---
+
+
+def _rng(data: dict[str, Any]) -> RngConfig:
+    """StratoVirt v1's `rng`: {"random_file": PATH, "bytes_per_sec": N?}; the rate is
+    max-bytes=N per period=1000 ms, under the command line's [64, 1e9] rule."""
+    rng = _section(data, "rng", {"random_file", "bytes_per_sec"})
+    if "random_file" not in rng:
+        raise ConfigError("-config: 'rng.random_file' is required")
+    path = _expect(rng["random_file"], str, "rng.random_file")
+    if not path:
+        raise ConfigError("-config: 'rng.random_file' is empty")
+    rate = _expect(rng.get("bytes_per_sec"), (int, type(None)), "rng.bytes_per_sec")
+    if rate is not None and not RNG_MIN_BYTES_PER_SEC <= rate <= RNG_MAX_BYTES_PER_SEC:
+        raise ConfigError(f"-config: rng.bytes_per_sec={rate} is out of range "
+                          f"[{RNG_MIN_BYTES_PER_SEC}, {RNG_MAX_BYTES_PER_SEC}]")
+    return RngConfig(filename=path, max_bytes=rate, period_ms=None if rate is None else 1000)
 
 
 def load_json_config(path: str) -> MachineConfig:

@@ -26,6 +26,7 @@ from stratovirt_py.devices.virtio.console import VirtioSerial
 from stratovirt_py.devices.virtio.dataplane import IoThread
 from stratovirt_py.devices.virtio.manager import VirtioMmioManager
 from stratovirt_py.devices.virtio.mmio import drain_eventfd
+from stratovirt_py.devices.virtio.rng import VirtioRng
 from stratovirt_py.event_loop import EventLoop, Future
 from stratovirt_py.hotplug import DeviceRequest, Hotplug
 from stratovirt_py.kvm import Kvm, Vcpu, Vm
@@ -71,6 +72,7 @@ class Hardware:
     console_fastpath: ConsoleFastPath  # the UART structs it points to (kept alive here)
     balloon: Balloon | None = None
     console: VirtioSerial | None = None  # virtio-console ports (their chardevs are in chardevs)
+    rng: VirtioRng | None = None
 
     def exit_counts(self) -> dict[str, int]:
         """vCPU exits answered in C and those that reached Python; console bytes C wrote."""
@@ -266,6 +268,8 @@ class MicroVM:
             hardware.balloon.close()
         for iothread in hardware.iothreads:
             iothread.stop()
+        if hardware.rng is not None:
+            hardware.rng.close()  # its source and timer, once no thread uses them
         hardware.hotplug.close()
         hardware.virtio.close()
         if hardware.console is not None:

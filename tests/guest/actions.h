@@ -48,5 +48,8 @@ NORETURN void action_balloon_hostile(void);    /* balloon_hostile.c */
 
 /* virtio-console (README.md, "virtio-console actions") */
 NORETURN void action_console(void);            /* console_actions.c */
+/* virtio-rng (README.md, "virtio-rng action") */
+NORETURN void action_rng(void);                /* rng_actions.c */
+NORETURN void action_rng_hostile(void);        /* rng_actions.c */
 
 #endif

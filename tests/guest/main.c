@@ -51,6 +51,8 @@ static const struct action actions[] = {
     { "balloon", action_balloon },
     { "balloon-hostile", action_balloon_hostile },
     { "console", action_console },
+    { "rng", action_rng },
+    { "rng-hostile", action_rng_hostile },
     { "smp", action_smp },
 };
 

@@ -156,6 +156,9 @@ def linux(tmp_path_factory):
                            "-drive", f"id=data,file={data_disk},direct=off,serial=DATA-DISK",
                            "-device", "virtio-blk-device,drive=data,id=data",
                            "-device", "virtio-balloon-device,free-page-reporting=on",
+                           # virtio-rng: /dev/hwrng (its checks: test_hwrng_*)
+                           "-object", "rng-random,id=rng0,filename=/dev/urandom",
+                           "-device", "virtio-rng-device,rng=rng0,id=vrng0",
                            prefix=tuple(namespace.exec_prefix))
         guest.workdir = workdir  # type: ignore[attr-defined]
         guest.data_disk = data_disk  # type: ignore[attr-defined]
@@ -386,6 +389,33 @@ def test_balloon_takes_memory_from_the_guest_and_gives_it_back(linux):
                          value=1) == {"return": {}}
     wait_until(lambda: linux.execute("qom-get", path=stats_path, property="guest-stats")[
         "return"]["stats"]["stat-total-memory"] > 0, 60, "no statistics from the guest")
+
+
+# --- virtio-rng ---
+
+def test_hwrng_is_the_virtio_rng(linux):
+    assert linux.shell("cat /sys/class/misc/hw_random/rng_current").strip() == "virtio_rng.0"
+
+
+def last_line(output: str) -> str:
+    # A long command line wraps on the console, so its echo may not be cut off whole.
+    return output.strip().splitlines()[-1].strip()
+
+
+def test_hwrng_gives_bytes_before_and_after_stop_and_cont(linux):
+    read = "dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c"
+    digest = "dd if=/dev/hwrng bs=64 count=1 2>/dev/null | md5sum"
+    assert last_line(linux.shell(read)) == "256"
+    before = last_line(linux.shell(digest)).split()[0]
+    assert linux.execute("stop") == {"return": {}}
+    time.sleep(1)
+    assert linux.execute("cont") == {"return": {}}
+    assert last_line(linux.shell(read)) == "256"
+    after = last_line(linux.shell(digest)).split()[0]
+    assert len(before) == len(after) == 32 and before != after  # fresh bytes each time
+
+
+# --- end virtio-rng ---
 
 
 def test_quit_ends_the_vm(linux):
