@@ -15,7 +15,7 @@ from collections.abc import Callable
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.config import BalloonConfig
 from stratovirt_py.devices.virtio.dataplane import DeviceWiring, device_lock, new_c_device
-from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_queue, read_config_bytes
+from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_ready_queues, read_config_bytes
 
 DEVICE_ID_BALLOON = 5
 QUEUE_MAX_SIZE = 256
@@ -92,15 +92,15 @@ class VirtioBalloon:
             self._on_actual_change(actual)
 
     def activate(self, features: int, queues: list[QueueSetup]) -> int:
-        for index, role in enumerate(queue_roles(features)):
-            queue = queues[index]
-            if not queue.ready:
-                continue
-            error = activate_queue(ffi.addressof(self.c, "vqs", index), queue, features,
-                                   QUEUE_MAX_SIZE, self._c_memory)
-            if error:
-                return error
-            self.c.roles[index] = role
+        roles = queue_roles(features)
+        error = activate_ready_queues(
+            ((ffi.addressof(self.c, "vqs", index), queues[index]) for index in range(len(roles))),
+            features, QUEUE_MAX_SIZE, self._c_memory)
+        if error:
+            return error
+        for index, role in enumerate(roles):
+            if queues[index].ready:
+                self.c.roles[index] = role
         lib.svpy_balloon_start(self.c)
         return 0
 

@@ -21,7 +21,7 @@ from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.config import VirtioSerialConfig
 from stratovirt_py.devices.chardev import Chardev, SocketChardev
 from stratovirt_py.devices.virtio.dataplane import DeviceWiring, device_lock
-from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_queue, read_config_bytes
+from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_ready_queues, read_config_bytes
 
 DEVICE_ID_CONSOLE = 3
 QUEUE_MAX_SIZE = 256
@@ -80,14 +80,11 @@ class VirtioConsole:
     def activate(self, features: int, queues: list[QueueSetup]) -> int:
         multiport = bool(features & VIRTIO_CONSOLE_F_MULTIPORT)
         used = len(queues) if multiport else 2  # without multiport: port 0 only
-        for index in range(used):
-            queue = queues[index]
-            if not queue.ready:
-                continue
-            error = activate_queue(ffi.addressof(self.c, "vqs", index), queue, features,
-                                   QUEUE_MAX_SIZE, self._c_memory)
-            if error:
-                return error
+        error = activate_ready_queues(
+            ((ffi.addressof(self.c, "vqs", index), queues[index]) for index in range(used)),
+            features, QUEUE_MAX_SIZE, self._c_memory)
+        if error:
+            return error
         lib.svpy_console_start(self.c, int(multiport))
         return 0
 

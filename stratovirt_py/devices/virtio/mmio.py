@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -109,6 +110,18 @@ def activate_queue(vq: Any, setup: QueueSetup, features: int, max_size: int,
     vq.event_idx = int(bool(features & VIRTIO_F_RING_EVENT_IDX))
     vq.indirect = int(bool(features & VIRTIO_F_RING_INDIRECT_DESC))
     return lib.svpy_vq_activate(vq, c_memory)
+
+
+def activate_ready_queues(pairs: Iterable[tuple[Any, QueueSetup]], features: int,
+                          max_size: int, c_memory: Any) -> int:
+    """activate_queue for each (C queue, set-up) pair the driver made ready, in order:
+    0, or the first svpy_vq_error (the queues after it are left alone)."""
+    for vq, setup in pairs:
+        if setup.ready:
+            error = activate_queue(vq, setup, features, max_size, c_memory)
+            if error:
+                return error
+    return 0
 
 
 def read_config_bytes(config: bytes, offset: int, size: int) -> int:

@@ -14,7 +14,7 @@ import struct
 
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.devices.virtio.dataplane import DeviceWiring, device_lock, new_c_device
-from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_queue, read_config_bytes
+from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_ready_queues, read_config_bytes
 from stratovirt_py.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -130,13 +130,12 @@ class VirtioNet:
     def activate(self, features: int, queues: list[QueueSetup]) -> int:
         self.driver_features = features
         self.c.mrg_rxbuf = int(bool(features & VIRTIO_NET_F_MRG_RXBUF))
-        for queue, field in zip(queues, ("rxq", "txq"), strict=True):
-            if not queue.ready:
-                continue
-            error = activate_queue(ffi.addressof(self.c, field), queue, features,
-                                   QUEUE_MAX_SIZE, self._c_memory)
-            if error:
-                return error
+        error = activate_ready_queues(
+            ((ffi.addressof(self.c, field), queue)
+             for field, queue in zip(("rxq", "txq"), queues, strict=True)),
+            features, QUEUE_MAX_SIZE, self._c_memory)
+        if error:
+            return error
         self._apply_offloads()
         lib.svpy_net_start(self.c)
         return 0

@@ -15,7 +15,7 @@ from typing import Any
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.config import RngConfig
 from stratovirt_py.devices.virtio.dataplane import DeviceWiring, new_c_device
-from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_queue
+from stratovirt_py.devices.virtio.mmio import QueueSetup, activate_ready_queues
 from stratovirt_py.errors import ConfigError
 
 DEVICE_ID_RNG = 4
@@ -69,12 +69,10 @@ class VirtioRng:
         pass
 
     def activate(self, features: int, queues: list[QueueSetup]) -> int:
-        queue = queues[0]
-        if queue.ready:
-            error = activate_queue(ffi.addressof(self.c, "vq"), queue, features,
-                                   QUEUE_MAX_SIZE, self._c_memory)
-            if error:
-                return error
+        error = activate_ready_queues(((ffi.addressof(self.c, "vq"), queues[0]),), features,
+                                      QUEUE_MAX_SIZE, self._c_memory)
+        if error:
+            return error
         lib.svpy_rng_start(self.c)
         return 0
 
