@@ -31,6 +31,8 @@ from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
+MAX_WAIT = 3600.0  # seconds the loop sleeps at most in one go
+
 T = TypeVar("T")
 
 
@@ -414,7 +416,9 @@ class EventLoop:
             wake_at = self._timers[0][0] if self._timers else None
             if deadline is not None:
                 wake_at = deadline if wake_at is None else min(wake_at, deadline)
-            wait = None if wake_at is None else max(wake_at - self.time(), 0.0)
+            # epoll takes at most 2**31-1 ms: a timer further away (a balloon polling
+            # interval of weeks) is waited for an hour at a time.
+            wait = None if wake_at is None else min(max(wake_at - self.time(), 0.0), MAX_WAIT)
         for key, events in self._selector.select(wait):
             if callable(key.data):  # the loop's own wake-up pipes
                 key.data()

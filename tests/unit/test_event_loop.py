@@ -45,6 +45,16 @@ def test_run_until_gives_up_at_its_timeout(loop):
     assert not loop.is_running()
 
 
+def test_a_timer_beyond_what_epoll_can_wait_for(loop):
+    # 2**31 ms is the most epoll_wait takes; the QMP fuzzer found a balloon polling interval
+    # of ~25 days ending the monitor with OverflowError.
+    far = loop.call_later(3e6, lambda: None)
+    loop.call_later(0.01, loop.stop)
+    loop.run_forever()
+    assert not far.cancelled
+    far.cancel()
+
+
 def test_another_thread_wakes_a_sleeping_loop(loop):
     seen: list[str] = []
     # Without the wake-up the loop would sleep until its timeout.
