@@ -64,6 +64,7 @@ class Stats:
     health_checks: int = 0
     findings: list[Finding] = field(default_factory=list)
     kinds: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
     rss_start: int = 0
     rss_end: int = 0
     fds_start: int = 0
@@ -115,6 +116,9 @@ class Campaign:
     # Connections.
 
     def _disconnect(self) -> None:
+        for key, count in self.checker.outcomes.items():
+            self.stats.outcomes[key] = self.stats.outcomes.get(key, 0) + count
+        self.checker.outcomes.clear()
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -276,9 +276,45 @@ class InputGenerator:
             request = dict(sorted(request.items(), key=lambda kv: kv[0] != "id"))
         return request
 
+    def _valid_request(self) -> dict[str, Any]:
+        """A well-formed hot-plug, balloon or fd request on names that exist (or just did):
+        without these, nearly every hot-plug would fail its argument checks."""
+        rng, env = self.rng, self.env
+        disk = _choice(rng, ("d0", "d1", "d2", "disk0"))
+        nic = _choice(rng, ("n0", "n1", "net0"))
+        templates: list[tuple[str, dict[str, Any]]] = [
+            ("blockdev-add", {"node-name": disk, "file": {
+                "driver": "file", "filename": _choice(rng, env.images or ["/nonexistent"])},
+                "cache": {"direct": rng.random() < 0.5}, "read-only": rng.random() < 0.3}),
+            ("blockdev-add", {"driver": "file", "node-name": disk,
+                              "filename": _choice(rng, env.images or ["/nonexistent"])}),
+            ("device_add", {"driver": _choice(rng, ("virtio-blk-mmio", "virtio-blk-device")),
+                            "id": disk, "drive": disk}),
+            ("device_add", {"driver": _choice(rng, ("virtio-net-mmio", "virtio-net-device")),
+                            "id": nic, "netdev": nic}),
+            ("device_del", {"id": _choice(rng, (disk, nic))}),
+            ("blockdev-del", {"node-name": disk}),
+            ("netdev_add", {"id": nic, "ifname": _choice(rng, env.taps or ["fz0"])}),
+            ("netdev_add", {"id": nic, "fd": _choice(rng, FD_NAMES[:3])}),
+            ("netdev_del", {"id": nic}),
+            ("getfd", {"fdname": _choice(rng, FD_NAMES[:3])}),
+            ("closefd", {"fdname": _choice(rng, FD_NAMES[:3])}),
+            ("balloon", {"value": _choice(rng, (64 << 20, 96 << 20, 128 << 20))}),
+            ("qom-set", {"path": env.balloon_path, "property": "guest-stats-polling-interval",
+                         "value": _choice(rng, (0, 1, 2, 3600))}),
+            ("qom-get", {"path": env.balloon_path,
+                         "property": _choice(rng, QOM_PROPERTIES[:2])}),
+            ("stop", {}), ("cont", {}),
+        ]
+        name, arguments = _choice(rng, templates)
+        request: dict[str, Any] = {"execute": name, "arguments": arguments}
+        if rng.random() < 0.7:
+            request["id"] = _choice(rng, IDS_OF_EVERY_TYPE)
+        return request
+
     def schema_input(self) -> Input:
         rng = self.rng
-        request = self._request()
+        request = self._valid_request() if rng.random() < 0.25 else self._request()
         if rng.random() < 0.02:  # a bare value, an array, a string: not an object
             request = _choice(rng, ([request], "query-status", 1, None, []))
         text = json.dumps(request, ensure_ascii=rng.random() < 0.5,

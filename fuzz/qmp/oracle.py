@@ -43,6 +43,7 @@ class Expected:
     id_text: str | None  # canonical(id)
     item: int  # the input (index in its batch) whose bytes completed the value; -1: a probe
     probe: str | None = None  # the probe's id, if this is a probe
+    command: str | None = None  # `execute`, when the value was an object naming a string
 
 
 @dataclass
@@ -114,12 +115,16 @@ class StreamModel:
             request = decode_message(value)
         except QmpError:
             return Expected(False, None, item)
-        if not isinstance(request, dict) or "id" not in request:
+        if not isinstance(request, dict):
             return Expected(False, None, item)
+        command = request.get("execute")
+        command = command if isinstance(command, str) else None
+        if "id" not in request:
+            return Expected(False, None, item, command=command)
         request_id = request["id"]
         probe = request_id if isinstance(request_id, str) and \
             request_id.startswith(PROBE_PREFIX) else None
-        return Expected(True, canonical(request_id), -1 if probe else item, probe)
+        return Expected(True, canonical(request_id), -1 if probe else item, probe, command)
 
 
 class ReplyChecker:
@@ -132,7 +137,9 @@ class ReplyChecker:
         self.events = 0
         self.greeted = False
         self.probe_replies: dict[str, dict[str, Any]] = {}
-        self.recent: deque[str] = deque(maxlen=16)  # the last replies, for a finding's report
+        self.recent: deque[str] = deque(maxlen=16)
+        # (command, "return" or "error") -> count: how deep the inputs reach.
+        self.outcomes: dict[tuple[str, str], int] = {}  # the last replies, for a finding's report
         # Replies matched since the last probe: a repeat of one of them is a doubled reply.
         self._answered: deque[tuple[bool, str | None]] = deque(maxlen=64)
 
@@ -205,6 +212,10 @@ class ReplyChecker:
             return self._mismatch(owed, has_id, id_text, shown)
         self.expected.popleft()
         self._answered.append((has_id, id_text))
+        if owed.command is not None:
+            outcome = "return" if "return" in message else "error"
+            key = (owed.command, outcome)
+            self.outcomes[key] = self.outcomes.get(key, 0) + 1
         return None
 
     def _mismatch(self, owed: Expected, has_id: bool, id_text: str | None,

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fuzz.qmp.fuzzer import BATCH, CHECK_EVERY, TIMEOUT, Campaign, Stats, real_monitor, replay
 from fuzz.qmp.generators import FUZZED_COMMANDS, VM_ENDING_COMMANDS, InputGenerator
+from stratovirt_py.qmp.registry import COMMANDS
 
 
 def report(stats: Stats) -> None:
@@ -28,6 +29,11 @@ def report(stats: Stats) -> None:
           f"{stats.restarts} monitor restarts, {stats.elapsed:.1f} s")
     print(f"qmp: monitor RSS {stats.rss_start} KiB at start, {stats.rss_end} KiB at end; "
           f"open fds {stats.fds_start} -> {stats.fds_end}")
+    # Only the commands the monitor knows (fuzzed names are any string at all).
+    commands = sorted({command for command, _ in stats.outcomes} & set(COMMANDS))
+    print("qmp: replies by command (return/error): " + ", ".join(
+        f"{c} {stats.outcomes.get((c, 'return'), 0)}/{stats.outcomes.get((c, 'error'), 0)}"
+        for c in commands))
     for signature, count in stats.distinct().items():
         print(f"qmp: distinct finding, {count} time(s): {signature}")
     for number, finding in enumerate(stats.findings, 1):
