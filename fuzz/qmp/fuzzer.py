@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fuzz.qmp.generators import RESET, FuzzEnv, Input, InputGenerator
-from fuzz.qmp.oracle import PROBE_PREFIX, Finding, ReplyChecker, StreamModel
+from fuzz.qmp.oracle import PROBE_PREFIX, Finding, ReplyChecker, StreamModel, canonical
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH = 200
@@ -85,6 +85,30 @@ class Stats:
         rate = self.inputs / self.elapsed if self.elapsed else 0.0
         return (f"qmp: {self.inputs} inputs, {self.replies} replies, {self.dropped} dropped "
                 f"connections, {len(self.findings)} findings, {rate:.0f} inputs/s")
+
+
+# Generators whose input is one whole JSON value made by json.dumps.
+WHOLE_VALUES = frozenset({"schema", "split"})
+
+
+def independent_check(item: Input) -> Finding | None:
+    """The monitor's splitter and decoder must read a json.dumps value as Python's json does:
+    one value, and its id.  (The oracle otherwise takes the monitor's own parser as the model.)"""
+    data = item.data
+    try:
+        request = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:  # a lone surrogate, written raw: not UTF-8
+        request = None
+    except ValueError:
+        return Finding("parser", "not one JSON value (a generator bug)")
+    owed = StreamModel().feed(data + b"\n", 0)  # the model is idle: a fresh one is the same
+    has_id = isinstance(request, dict) and "id" in request
+    id_text = canonical(request["id"]) if has_id else None
+    if len(owed) != 1 or owed[0].has_id != has_id or owed[0].id_text != id_text:
+        return Finding("parser", "the monitor's parser reads a json.dumps value differently "
+                       "from Python's json", details={
+                           "owed": [(e.has_id, e.id_text) for e in owed], "id": id_text})
+    return None
 
 
 class Dropped(Exception):
@@ -148,6 +172,11 @@ class Campaign:
         assert self.sock is not None
         writes: deque[tuple[bytes, int, bool]] = deque()
         for index, item in enumerate(items):
+            if item.kind in WHOLE_VALUES and self.model.idle:
+                finding = independent_check(item)
+                if finding is not None:
+                    finding.item = index
+                    return finding
             for number, chunk in enumerate(item.chunks):
                 last = number == len(item.chunks) - 1
                 if chunk:  # nothing to write (and no byte to carry fds)
@@ -249,8 +278,11 @@ class Campaign:
             kind = "seccomp"
             message += " (SIGSYS: a system call outside the seccomp allow-list)"
         lines = [line for line in stderr.splitlines() if line.strip()]
-        return Finding(kind, message, details={"last-line": lines[-1] if lines else "",
-                                               "stderr": stderr[-4000:]})
+        # The first value still owed a reply: the input being handled, or just after it.
+        owed = self.checker.expected[0].item if self.checker.expected else None
+        return Finding(kind, message, item=owed,
+                       details={"last-line": lines[-1] if lines else "",
+                                "stderr": stderr[-4000:]})
 
     def run_batch(self, items: list[Input], probe_command: str = "query-status"
                   ) -> Finding | None:

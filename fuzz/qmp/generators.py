@@ -323,7 +323,7 @@ class InputGenerator:
         data += _choice(rng, (b"", b"\n", b"\r\n", b" "))
         fds = 0
         if (request.get("execute") if isinstance(request, dict) else None) == "getfd":
-            fds = _choice(rng, (0, 1, 1, 1, 3))
+            fds = _choice(rng, (0, 1, 1, 1, 3, 20))  # 20: more than the monitor takes (16)
         elif rng.random() < 0.01:
             fds = 1  # fds with a command that takes none: closed by the monitor
         return Input("schema", [data], fds=fds)

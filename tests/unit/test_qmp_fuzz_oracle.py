@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fuzz.qmp.fuzzer import Campaign
+from fuzz.qmp.fuzzer import Campaign, independent_check
 from fuzz.qmp.generators import FuzzEnv, Input, InputGenerator
 from fuzz.qmp.oracle import Expected, ReplyChecker, StreamModel, canonical, parse_line
 from stratovirt_py.qmp.protocol import JsonStreamSplitter, ParseFailure, QmpError, decode_message
@@ -206,3 +206,13 @@ def test_the_generators_are_reproducible_and_leave_out_vm_ending_commands():
     kinds = {InputGenerator(9, env).next().kind for _ in range(1)} | \
         {item.kind for item in (two.next() for _ in range(2000))}
     assert {"schema", "raw", "truncate", "flip", "split", "several"} <= kinds
+
+
+def test_the_monitors_parser_is_checked_against_pythons_json_on_whole_values(monkeypatch):
+    command = Input("schema", [b'{"execute":"x","id":[1.5,{"a":null}]}'])
+    assert independent_check(command) is None
+    assert independent_check(Input("schema", [b'"\xed\xa0\x80"'])) is None  # not UTF-8: no id
+    # A decoder that loses ids disagrees with Python's json.
+    monkeypatch.setattr("fuzz.qmp.oracle.decode_message", lambda raw: {"execute": "x"})
+    finding = independent_check(command)
+    assert finding is not None and finding.kind == "parser"
