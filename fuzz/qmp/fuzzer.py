@@ -65,6 +65,7 @@ class Stats:
     findings: list[Finding] = field(default_factory=list)
     kinds: dict[str, int] = field(default_factory=dict)
     outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
+    sandbox: str = ""  # the monitor's seccomp state, once it has answered
     rss_start: int = 0
     rss_end: int = 0
     fds_start: int = 0
@@ -274,10 +275,12 @@ class Campaign:
         stderr = self.monitor.stderr_tail()
         kind = "crash"
         message = f"the monitor exited with status {code}"
-        if code == -SIGSYS or "seccomp" in stderr:
-            kind = "seccomp"
-            message += " (SIGSYS: a system call outside the seccomp allow-list)"
         lines = [line for line in stderr.splitlines() if line.strip()]
+        bad_call = next((line for line in reversed(lines) if "seccomp: bad system call" in line),
+                        None)
+        if code == -SIGSYS or bad_call is not None:
+            kind = "seccomp"
+            message += f" (SIGSYS: outside the seccomp allow-list: {bad_call})"
         # The first value still owed a reply: the input being handled, or just after it.
         owed = self.checker.expected[0].item if self.checker.expected else None
         return Finding(kind, message, item=owed,
@@ -352,6 +355,7 @@ class Campaign:
         if finding is not None:
             self._record(finding, [], 0)
         stats.rss_start, stats.fds_start = self.monitor.rss_kib(), self.monitor.fd_count()
+        stats.sandbox = getattr(self.monitor, "seccomp_summary", str)()
         start = time.monotonic()
         next_check = check_every
         batch_number = 0
@@ -505,6 +509,17 @@ class RealMonitor:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         return 0
+
+    def seccomp_summary(self) -> str:
+        """How many of the monitor's threads run under a seccomp filter (mode 2)."""
+        assert self.process is not None
+        modes = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{self.process.pid}/task"):
+                status = Path(f"/proc/{self.process.pid}/task/{task}/status").read_text()
+                modes += [line.split()[1] for line in status.splitlines()
+                          if line.startswith("Seccomp:")]
+        return f"seccomp filter on {modes.count('2')} of {len(modes)} threads"
 
     def fd_count(self) -> int:
         assert self.process is not None

@@ -28,7 +28,7 @@ def report(stats: Stats) -> None:
     print(f"qmp: {stats.events} events, {stats.health_checks} health checks, "
           f"{stats.restarts} monitor restarts, {stats.elapsed:.1f} s")
     print(f"qmp: monitor RSS {stats.rss_start} KiB at start, {stats.rss_end} KiB at end; "
-          f"open fds {stats.fds_start} -> {stats.fds_end}")
+          f"open fds {stats.fds_start} -> {stats.fds_end}; {stats.sandbox} (at start)")
     # Only the commands the monitor knows (fuzzed names are any string at all).
     commands = sorted({command for command, _ in stats.outcomes} & set(COMMANDS))
     print("qmp: replies by command (return/error): " + ", ".join(

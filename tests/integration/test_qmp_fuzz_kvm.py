@@ -8,6 +8,8 @@ guest running, and its RSS and open files must not run away.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fuzz.qmp.fuzzer import Campaign, real_monitor
@@ -40,3 +42,5 @@ def test_thirty_thousand_fuzzed_inputs_get_valid_replies(tmp_path):
     assert {"schema", "raw", "truncate", "flip", "split", "nest", "huge"} <= set(stats.kinds)
     assert stats.rss_end < stats.rss_start + 32 * 1024, (stats.rss_start, stats.rss_end)
     assert stats.fds_end < stats.fds_start + 16, (stats.fds_start, stats.fds_end)
+    # All of it under the seccomp allow-list, on every thread.
+    assert re.fullmatch(r"seccomp filter on (\d+) of \1 threads", stats.sandbox), stats.sandbox

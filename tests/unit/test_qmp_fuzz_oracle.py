@@ -34,6 +34,8 @@ class FakeMonitor:
         self.values = 0
         self.silent = False
         self.exit_code: int | None = None
+        self.death_code = -9
+        self.stderr = "fake monitor\n"
         self.threads: list[threading.Thread] = []
 
     def poll(self) -> int | None:
@@ -43,7 +45,7 @@ class FakeMonitor:
         self.exit_code = None
 
     def stderr_tail(self) -> str:
-        return "fake monitor\n"
+        return self.stderr
 
     def rss_kib(self) -> int:
         return 0
@@ -99,7 +101,7 @@ class FakeMonitor:
                 self.silent = True
                 return True
             elif self.mode == "die":
-                self.exit_code = -9
+                self.exit_code = self.death_code
                 return False
         sock.sendall(line)
         return True
@@ -216,3 +218,17 @@ def test_the_monitors_parser_is_checked_against_pythons_json_on_whole_values(mon
     monkeypatch.setattr("fuzz.qmp.oracle.decode_message", lambda raw: {"execute": "x"})
     finding = independent_check(command)
     assert finding is not None and finding.kind == "parser"
+
+
+def test_a_monitor_killed_by_seccomp_is_named_with_its_system_call(tmp_path):
+    fuzz = campaign(tmp_path, "die")
+    fake = fuzz.monitor
+    assert isinstance(fake, FakeMonitor)
+    fake.death_code = -31
+    line = ("stratovirt-py: seccomp: bad system call 41 (socket: 0x1, 0x1, 0x0, 0x0, 0x0, 0x0) "
+            "on thread 7 (main filter): the monitor is killed with SIGSYS")
+    fake.stderr = f"INFO: started\n{line}\n"
+    finding = fuzz.run_batch(batch(*COMMANDS))
+    assert finding is not None and finding.kind == "seccomp"
+    assert "bad system call 41 (socket" in finding.message
+    assert finding.item == 1  # query-version's input: the first still owed a reply
