@@ -36,6 +36,7 @@ CHECK_EVERY = 10_000
 TIMEOUT = 20.0  # seconds without any progress while replies are owed: a hang
 PAUSE = 0.0005  # between the writes of a split input, so the monitor reads them apart
 SIGSYS = 31
+SIDE_EVERY = 5  # health checks between two rounds of side clients
 
 
 class Monitor(Protocol):
@@ -321,6 +322,33 @@ class Campaign:
         self.stats.events += self.checker.events - events
         return finding
 
+    # Clients beside the fuzzed one.
+
+    def side_clients(self) -> Finding | None:
+        """One client leaves with fds and half a value sent; one floods and never reads, so
+        the monitor must drop it (a dropped connection, counted) rather than buffer forever."""
+        with contextlib.closing(self.monitor.connect()) as sock:
+            fds = array.array("i", [self._fd_to_send] * 4).tobytes()
+            sock.sendmsg([b'{"execute":"getfd","arguments":{"fdname":"side"}}'
+                          b'{"execute":"getfd","arguments":{"fdname":"half'],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        flood = b'{"execute":"query-commands"}' * 64
+        with contextlib.closing(self.monitor.connect()) as sock:
+            sock.setblocking(False)
+            deadline = time.monotonic() + self.timeout
+            while time.monotonic() < deadline:
+                try:
+                    sock.send(flood)
+                except BlockingIOError:
+                    select.select([], [sock], [], 0.1)
+                except OSError:  # EPIPE, ECONNRESET: dropped, as it should be
+                    self.stats.dropped += 1
+                    return None
+                if self.monitor.poll() is not None:
+                    return self._death()
+        return Finding("flood", f"the monitor still served, after {self.timeout:.0f} s, a "
+                       "client that sends commands and never reads the replies")
+
     # Health.
 
     def health(self) -> Finding | None:
@@ -369,7 +397,10 @@ class Campaign:
             finding = self.run_batch(items)
             if finding is None and stats.inputs >= next_check:
                 next_check += check_every
-                finding = self.health()
+                stats_checks = stats.health_checks
+                if stats_checks % SIDE_EVERY == SIDE_EVERY - 1:
+                    finding = self.side_clients()
+                finding = finding or self.health()
                 self.log(f"qmp: {stats.inputs} inputs, {stats.replies} replies, "
                          f"RSS {self.monitor.rss_kib()} KiB, {self.monitor.fd_count()} fds, "
                          f"{stats.inputs / (time.monotonic() - start):.0f} inputs/s")

@@ -232,3 +232,9 @@ def test_a_monitor_killed_by_seccomp_is_named_with_its_system_call(tmp_path):
     assert finding is not None and finding.kind == "seccomp"
     assert "bad system call 41 (socket" in finding.message
     assert finding.item == 1  # query-version's input: the first still owed a reply
+
+
+def test_a_monitor_that_keeps_a_client_that_never_reads_is_a_finding(tmp_path):
+    # The fake never drops anyone: it blocks writing replies nobody reads.
+    finding = campaign(tmp_path, "ok").side_clients()
+    assert finding is not None and finding.kind == "flood"
