@@ -471,6 +471,14 @@ def make_files(directory: Path) -> FuzzEnv:
     return FuzzEnv(images=images, missing=missing, odd_files=odd, taps=["fz0", "fz1"])
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the fuzzer dies, however it dies (kept across the exec of
+    `ip netns exec` and of the monitor, neither being set-uid)."""
+    import ctypes
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 class RealMonitor:
     """stratovirt-py with the freestanding guest idling (cli; hlt), inside `namespace`."""
 
@@ -501,7 +509,7 @@ class RealMonitor:
         with open(self.stderr_path, "ab") as stderr:
             self.process = self.namespace.popen(args, env=monitor_env(),
                                                 stdin=subprocess.DEVNULL, stdout=stderr,
-                                                stderr=stderr)
+                                                stderr=stderr, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 60
         while not self.socket_path.exists():
             if self.process.poll() is not None:

@@ -8,6 +8,7 @@ root (a network namespace with taps) and /dev/kvm.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fuzz.qmp.fuzzer import BATCH, CHECK_EVERY, TIMEOUT, Campaign, Stats, real_monitor, replay
 from fuzz.qmp.generators import FUZZED_COMMANDS, VM_ENDING_COMMANDS, InputGenerator
 from stratovirt_py.qmp.registry import COMMANDS
+from tests.netns import netns_unavailable
 
 
 def report(stats: Stats) -> None:
@@ -56,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", type=Path, default=None,
                         help="send a saved batch.json to a fresh monitor instead of fuzzing")
     args = parser.parse_args(argv)
+    reason = netns_unavailable()
+    if reason:
+        print(f"qmp: cannot fuzz here: the monitor runs in a network namespace: {reason}")
+        return 2
+    # SIGTERM (a timeout, scripts/fuzz) unwinds like ^C: the monitor is killed, the
+    # namespace and its taps removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = args.out or Path(tempfile.mkdtemp(prefix="qmpfuzz-findings-"))
     with real_monitor(out / "monitor.stderr") as (monitor, env, _workdir):
         generator = InputGenerator(args.seed, env)
