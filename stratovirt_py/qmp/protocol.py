@@ -117,8 +117,16 @@ class JsonStreamSplitter:
         state, depth = self._state, self._depth
         start = 0  # where the current value's bytes begin in `data`
         pos, end = 0, len(data)
+        # The first position in `data` past the current value's size limit.  The limit
+        # strikes at that byte, not at the end of a read: how the bytes were chunked
+        # must not decide what a byte that comes later does.
+        limit = self._max_bytes - len(self._stored) \
+            if state not in (_IDLE, _SKIPPING) and not self._discarding else end
         while pos < end:
             if state == _AFTER_ESCAPE:
+                if pos >= limit and not self._discarding:
+                    self._fail(SIZE_LIMIT_DESC, out)
+                    limit = end
                 byte = data[pos]
                 pos += 1
                 state = self._break(byte, out) if byte in STRING_BREAK_BYTES else _IN_STRING
@@ -128,6 +136,10 @@ class JsonStreamSplitter:
                 break
             pos = match.start()
             byte = data[pos]
+            if pos >= limit and state != _IN_BARE:  # (a bare word's delimiter is not in it)
+                if state != _IDLE and not self._discarding:
+                    self._fail(SIZE_LIMIT_DESC, out)
+                limit = end
             if state == _IDLE:
                 pos += 1
                 if byte in RESET_BYTES:
@@ -135,6 +147,7 @@ class JsonStreamSplitter:
                 self.values_started += 1
                 self._discarding = False
                 start = pos - 1
+                limit = start + self._max_bytes
                 depth = 0
                 if byte in OPENERS:
                     state, depth = _IN_STRUCTURE, 1
@@ -164,7 +177,11 @@ class JsonStreamSplitter:
                 if byte == 0x5C:  # backslash: the next byte is escaped
                     if pos == end:
                         state = _AFTER_ESCAPE
-                    elif data[pos] in STRING_BREAK_BYTES:
+                        continue
+                    if pos >= limit and not self._discarding:
+                        self._fail(SIZE_LIMIT_DESC, out)
+                        limit = end
+                    if data[pos] in STRING_BREAK_BYTES:
                         state = self._break(data[pos], out)
                         pos += 1
                     else:

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stratovirt_py.qmp.protocol import (
+    SIZE_LIMIT_DESC,
     JsonStreamSplitter,
     ParseFailure,
     QmpError,
@@ -500,3 +501,27 @@ def test_arbitrary_bytes_between_commands_never_break_the_protocol(shared_harnes
         assert answered == expected
     finally:
         client.sock.close()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=24), JSONISH), max_size=8), st.data())
+def test_the_size_limit_strikes_at_the_same_byte_however_chunked(pieces, data):
+    """Found by fuzz/qmp: a value was only measured at the end of a read, so a reset byte
+    past the limit broke it (then skipping) in one read and ended it (then the top level)
+    in small reads: the same bytes got different numbers of replies."""
+    stream = b"".join(pieces)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    whole, chunked = JsonStreamSplitter(max_bytes=12), JsonStreamSplitter(max_bytes=12)
+    values = whole.feed(stream)
+    assert [v for chunk in chunks for v in chunked.feed(chunk)] == values
+    assert chunked.values_started == whole.values_started
+
+
+def test_a_reset_byte_past_the_size_limit_ends_the_value_however_it_was_read():
+    # The fuzzer's case, scaled down: an unclosed value grows past the limit, then a reset.
+    stream = b'{"a":"' + b"A" * 20 + b'"' + b'{"e\x18xecute",,"id":[1]}\n'
+    whole, bytewise = JsonStreamSplitter(max_bytes=16), JsonStreamSplitter(max_bytes=16)
+    values = whole.feed(stream)
+    assert [v for byte in stream for v in bytewise.feed(bytes([byte]))] == values
+    assert values[0] == ParseFailure(SIZE_LIMIT_DESC)
