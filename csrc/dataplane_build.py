@@ -12,7 +12,8 @@ from cffi import FFI
 
 DATAPLANE = Path(__file__).resolve().parent / "dataplane"
 SOURCES = ["virtqueue.c", "virtio_device.c", "iothread.c", "virtio_blk.c", "virtio_net.c",
-           "virtio_balloon.c", "vcpu_fastpath.c", "virtio_console.c", "virtio_rng.c"]
+           "virtio_balloon.c", "vcpu_fastpath.c", "virtio_console.c", "virtio_rng.c",
+           "sandbox.c"]
 
 CDEF = """
 struct iovec { void *iov_base; size_t iov_len; };
@@ -194,6 +195,7 @@ struct svpy_iothread {
     int epoll_fd;
     int failure_fd;
     int32_t failed_errno;
+    const char *failed_call;
     ...;
 };
 
@@ -339,6 +341,37 @@ void svpy_rng_configure(struct svpy_rng *rng, int source_fd, uint64_t max_bytes,
 void svpy_rng_start(struct svpy_rng *rng);
 void svpy_rng_stop(struct svpy_rng *rng);
 void svpy_rng_destroy(struct svpy_rng *rng);
+
+#define SVPY_SANDBOX_OFF ...
+#define SVPY_SANDBOX_ENFORCE ...
+#define SVPY_SANDBOX_LOG ...
+#define SVPY_THREAD_MAIN ...
+#define SVPY_THREAD_VCPU ...
+#define SVPY_THREAD_IO ...
+#define SVPY_RULE_ANY ...
+#define SVPY_RULE_THREADS_ONLY ...
+#define SVPY_RULE_OWN_PROCESS ...
+#define SVPY_RULE_ENOSYS ...
+#define SVPY_RULE_EACCES ...
+#define SVPY_RULE_NO_EXEC ...
+#define SVPY_RULE_IOCTLS ...
+struct svpy_syscall_rule {
+    const char *name;
+    unsigned kinds;
+    unsigned condition;
+    const char *why;
+};
+int svpy_sandbox_prepare(int mode, int log_fd);
+int svpy_sandbox_enter(unsigned kind);
+int svpy_sandbox_mode(void);
+struct svpy_ioctl_rule {
+    unsigned long request;
+    const char *name;
+    unsigned kinds;
+    const char *why;
+};
+const struct svpy_syscall_rule *svpy_sandbox_rule(unsigned index);
+const struct svpy_ioctl_rule *svpy_sandbox_ioctl(unsigned index);
 """
 
 ffibuilder = FFI()
@@ -349,12 +382,13 @@ ffibuilder.set_source(
     '#include "virtio_balloon.h"\n'
     '#include "virtio_console.h"\n'
     '#include "virtio_rng.h"\n'
-    '#include "vcpu_fastpath.h"\n',
+    '#include "vcpu_fastpath.h"\n'
+    '#include "sandbox.h"\n',
     # setuptools insists on paths relative to the project root.
     sources=[os.path.relpath(DATAPLANE / name) for name in SOURCES],
     include_dirs=[os.path.relpath(DATAPLANE)],
     extra_compile_args=["-Wall", "-Wextra", "-O2", "-D_GNU_SOURCE"],
-    libraries=["pthread"],
+    libraries=["pthread", "seccomp"],
 )
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ usage: stratovirt-py [options]
   -D [LOGFILE]              log to LOGFILE (or stderr)
   -daemonize, -pidfile P    run in the background; write the pid to P
   -S, -freeze               start with the vCPUs paused
+  -disable-seccomp          run without the seccomp allow-list (see README "Sandbox")
   -name NAME                VM name
   -version, -help
 """
@@ -67,7 +68,7 @@ usage: stratovirt-py [options]
 IGNORED_WITH_VALUE = {"-uuid", "-overcommit", "-sandbox", "-msg", "-rtc", "-boot", "-realtime",
                       "-display", "-cpu", "-accel", "-global"}
 IGNORED_FLAGS = {"-no-user-config", "-nodefaults", "-nographic", "-no-shutdown", "-usb",
-                 "-enable-kvm", "-disable-seccomp", "-mem-prealloc"}
+                 "-enable-kvm", "-mem-prealloc"}
 
 
 @dataclass
@@ -368,6 +369,7 @@ OPTIONS_WITH_VALUE: dict[str, Callable[[str, _Builder], None]] = {
     "-config": _set_config_file,
 }
 FLAGS = {"-daemonize": "daemonize", "-S": "freeze", "-freeze": "freeze"}
+OFF_FLAGS = {"-disable-seccomp": "seccomp"}
 
 
 def parse_args(argv: Sequence[str]) -> MachineConfig:
@@ -383,6 +385,8 @@ def parse_args(argv: Sequence[str]) -> MachineConfig:
         i += 1
         if option in FLAGS:
             builder.values[FLAGS[option]] = True
+        elif option in OFF_FLAGS:
+            builder.values[OFF_FLAGS[option]] = False
         elif option == "-D":
             # The log file is optional: -D alone logs to stderr.
             if i < len(args) and not args[i].startswith("-"):

@@ -407,6 +407,7 @@ class MachineConfig:
     daemonize: bool = False
     pidfile: str | None = None
     freeze: bool = False
+    seccomp: bool = True  # -disable-seccomp turns the allow-list off (sandbox.py)
 
     def validate(self) -> MachineConfig:
         """Cross-option rules; returns self so callers can chain."""

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import ClassVar
 
+from stratovirt_py import sandbox
 from stratovirt_py.builder import build_vm
 from stratovirt_py.config import MachineConfig
 from stratovirt_py.errors import ConfigError, MonitorError, error_line
@@ -19,6 +20,7 @@ from stratovirt_py.event_loop import EventLoop
 from stratovirt_py.kvm import KvmError
 from stratovirt_py.machine import ExitRequest, MicroVM
 from stratovirt_py.qmp.server import QmpServer
+from stratovirt_py.sandbox import ThreadKind
 
 log = logging.getLogger("stratovirt_py")
 
@@ -148,7 +150,18 @@ def launch(config: MachineConfig) -> int:
     return status
 
 
+def _log_fd() -> int:
+    """Where the seccomp reporter writes: the log file or stderr, as the logging does."""
+    for handler in log.handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None:
+            return stream.fileno()
+    return 2
+
+
 def _run(config: MachineConfig, ready_pipe: int | None) -> int:
+    # Before the I/O threads start (build_vm): they enter their filter as they start.
+    sandbox.prepare(sandbox.mode_for(config.seccomp), _log_fd())
     loop = EventLoop()
     machine = MicroVM(config, loop)
     # Before anything that must be cleaned up exists: a signal from now on is
@@ -163,6 +176,10 @@ def _run(config: MachineConfig, ready_pipe: int | None) -> int:
             machine.event_listeners.append(qmp.broadcast_event)
             build_vm(machine)
             qmp.start()
+            machine.launch_vcpus()
+            # Set-up is done: from here the main thread and every thread it starts may only
+            # make the calls on its list (the vCPU and I/O threads have their own).
+            sandbox.enter(ThreadKind.MAIN)
             machine.start()
             _report_to_parent(ready_pipe, b"ready")
             request = loop.run_until_complete(machine.exited)

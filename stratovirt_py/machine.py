@@ -118,6 +118,12 @@ class MicroVM:
 
     # Lifecycle.
 
+    def launch_vcpus(self) -> None:
+        """Starts the vCPU threads parked, each under its own seccomp filter (launcher.py
+        calls this before the main thread enters its filter, so they do not inherit it)."""
+        for thread in self.vcpu_threads:
+            thread.launch()
+
     def start(self) -> None:
         hardware = self._hardware()
         paused = self.config.freeze

@@ -19,12 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stratovirt_py import sandbox
 from stratovirt_py._dataplane import ffi as dataplane_ffi
 from stratovirt_py._dataplane import lib as dataplane_lib
 from stratovirt_py.arch.x86_64.guest_walk import code_bytes
 from stratovirt_py.devices.bus import Bus
+from stratovirt_py.errors import MonitorError
 from stratovirt_py.kvm import KvmError, Vcpu, ffi, lib
 from stratovirt_py.memory import GuestMemory
+from stratovirt_py.sandbox import ThreadKind
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +98,17 @@ class VcpuThread:
 
     # Control plane side.
 
+    def launch(self) -> None:
+        """Starts the thread, parked: it enters its seccomp filter and waits for resume()."""
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._request = _Request.PAUSE
+            self._thread.start()
+            self._started.wait()
+
     def start(self, paused: bool) -> None:
-        self._request = _Request.PAUSE if paused else _Request.RUN
-        self._thread.start()
-        self._started.wait()
+        self.launch()
+        if not paused:
+            self.resume()
 
     def _kick(self) -> None:
         self.vcpu.run_state.immediate_exit = 1
@@ -145,8 +155,18 @@ class VcpuThread:
         with contextlib.suppress(OSError), open(f"/proc/self/task/{self.thread_id}/comm",
                                                 "w") as comm:
             comm.write(f"vcpu{self.index}")
+        try:
+            # Its own filter only (it starts before the main thread enters its filter); the
+            # thread was named above: that opens a file, which a vCPU may not do after.
+            sandbox.enter(ThreadKind.VCPU)
+        except MonitorError as exc:
+            failure: MonitorError | None = exc
+        else:
+            failure = None
         self._started.set()
         try:
+            if failure is not None:
+                raise failure
             self._loop()
         except Exception as exc:  # a bug here must end the VM, not hang it
             log.exception("vCPU %d failed", self.index)

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "eventfd.h"
+#include "sandbox.h"
 
 #define MAX_EVENTS 32
 
@@ -15,13 +16,22 @@ static void *run(void *arg)
 {
     struct svpy_iothread *thread = arg;
     struct epoll_event events[MAX_EVENTS];
+    int ret = svpy_sandbox_enter(SVPY_THREAD_IO);
 
+    if (ret < 0) {
+        /* Serving guests unfiltered is not an option: the VM ends on this error. */
+        thread->failed_call = "seccomp (loading the I/O thread's filter)";
+        __atomic_store_n(&thread->failed_errno, -ret, __ATOMIC_SEQ_CST);
+        svpy_eventfd_signal(thread->failure_fd);
+        return NULL;
+    }
     for (;;) {
         int count = epoll_wait(thread->epoll_fd, events, MAX_EVENTS, -1);
 
         if (count < 0) {
             if (errno == EINTR)
                 continue;
+            thread->failed_call = "epoll_wait";
             __atomic_store_n(&thread->failed_errno, errno ? errno : EIO, __ATOMIC_SEQ_CST);
             svpy_eventfd_signal(thread->failure_fd);
             return NULL;
@@ -45,6 +55,7 @@ int svpy_iothread_start(struct svpy_iothread *thread)
     memset(&event, 0, sizeof(event));
     thread->running = 0;
     thread->failed_errno = 0;
+    thread->failed_call = "";
     thread->stop_fd = thread->failure_fd = -1;
     thread->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     if (thread->epoll_fd < 0)

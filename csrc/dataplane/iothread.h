@@ -20,9 +20,12 @@ struct svpy_iothread {
     int stop_fd;
     /* Signalled when the thread stops on its own (epoll_wait failed): from
      * then on no device it serves gets any work done, so the control plane
-     * must hear of it.  failed_errno (atomic) says why; 0 while it runs. */
+     * must hear of it.  failed_errno (atomic) says why; 0 while it runs;
+     * failed_call names the call that failed (epoll_wait, or seccomp when the
+     * thread could not load its filter). */
     int failure_fd;
     int32_t failed_errno;
+    const char *failed_call;
     int running;
     pthread_t thread;
 };

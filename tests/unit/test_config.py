@@ -161,9 +161,15 @@ def test_machine_option():
 
 def test_libvirt_options_are_accepted_and_ignored():
     config = parse("-uuid", "4c3d2e1f-0000-1111-2222-333344445555", "-no-user-config",
-                   "-nodefaults", "-nographic", "-no-shutdown", "-disable-seccomp",
+                   "-nodefaults", "-nographic", "-no-shutdown",
                    "-cpu", "host", "-rtc", "base=utc", "-display", "none")
     assert config.kernel == "/boot/vmlinux"
+
+
+def test_disable_seccomp_turns_the_sandbox_off():
+    assert parse().seccomp
+    assert not parse("-disable-seccomp").seccomp
+    assert not parse("--disable-seccomp").seccomp
 
 
 def test_flags_and_values():

@@ -65,7 +65,8 @@ class IoThread:
         error = self.handle.failed_errno
         if not error:
             return None
-        reason = f"the I/O thread stopped: epoll_wait failed: {os.strerror(error)}; " \
+        call = ffi.string(self.handle.failed_call).decode()
+        reason = f"the I/O thread stopped: {call} failed: {os.strerror(error)}; " \
                  "no disk I/O is served any more"
         if not self._failure_logged:
             self._failure_logged = True
