@@ -55,8 +55,21 @@ static void balloon_reset(void)
     H_CHECK(balloon.stats_head == -1, "a reset device holds a statistics buffer");
 }
 
+/* Frames walked this input: past two passes' worth the input has shown what
+ * it can (the device's per-pass cap); more would only slow the fuzzing. */
+#define MAX_FRAMES_PER_INPUT (2 * SVPY_BALLOON_PASS_MAX_FRAMES)
+
+static bool enough_frames(void)
+{
+    const struct svpy_balloon_counters *c = &balloon.counters;
+
+    return c->inflated_pages + c->deflated_pages + c->bad_frames > MAX_FRAMES_PER_INPUT;
+}
+
 static void balloon_notify(unsigned q)
 {
+    if (enough_frames())
+        return;
     svpy_lock(&balloon.dev.shared);
     on_queue_notified(&balloon.dev, q);
     svpy_unlock(&balloon.dev.shared);
@@ -78,7 +91,8 @@ static void balloon_op(unsigned code, struct h_reader *r)
         break;
     }
     case 1:
-        balloon_start();
+        if (!enough_frames())
+            balloon_start();
         break;
     }
     H_CHECK(balloon.stats_len <= SVPY_BALLOON_STATS_BYTES, "stats_len %u", balloon.stats_len);

@@ -355,6 +355,9 @@ def virtqueue_seeds() -> dict[str, bytes]:
     p.setup(qcfg(2)).avail(7).kick(0)  # head beyond the queue
     p.setup(qcfg(2)).avail_idx(100).kick(0)
     p.setup(qcfg(2), (gpa(R1, 8), gpa(R1, 0x400), gpa(R0, 0x1000, below=True)))
+    # used->flags over avail->idx: refused (notifications would flip the index forever)
+    p.setup(qcfg(1), (gpa(R0, 0), gpa(R0, 0x102), gpa(R0, 0x104)))
+    p.chain(0, [(R1, 0, 16, WRITE)]).kick(0)
     seeds["malformed"] = p.data
     p = Program(qcfg(3, indirect=True))  # two queues, the second's rings elsewhere
     p.queue(1).setup(qcfg(3, indirect=True), (gpa(R1, 0x1000), gpa(R2, 0x0), gpa(R3, 0x800)))
