@@ -79,7 +79,8 @@ void h_guest_write(uint64_t gpa, const void *src, size_t len);
 /* A guest-physical address from 3 input bytes: a region and an offset into
  * it (possibly past its end), or just below a region (a gap, or a wrap). */
 uint64_t h_gpa(struct h_reader *r);
-/* Device kinds whose state is not the queues' (a fault to inject in a backend call). */
+/* Faults the input asks a target to inject into its backend calls (an
+ * EAGAIN from the tap, an error from a console backend): one bit each. */
 extern uint32_t h_faults;
 bool h_fault(unsigned bit);
 
