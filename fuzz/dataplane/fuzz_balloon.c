@@ -39,12 +39,16 @@ static void balloon_begin(struct h_reader *r)
     balloon.release_advice = (cfg & 0x8000) ? MADV_REMOVE : MADV_DONTNEED;
 }
 
+static void balloon_notify(unsigned q);
+static bool enough_frames(void);
+
+/* What svpy_balloon_start does (a pass over every queue), with the frame cap
+ * checked between queues: a driver's re-setup is a start too. */
 static void balloon_start(void)
 {
     memcpy(balloon.roles, roles, sizeof(roles));
-    svpy_lock(&balloon.dev.shared);
-    svpy_balloon_start(&balloon);
-    svpy_unlock(&balloon.dev.shared);
+    for (unsigned q = 0; q < SVPY_BALLOON_QUEUES && !enough_frames(); q++)
+        balloon_notify(q);
 }
 
 static void balloon_reset(void)
@@ -92,10 +96,8 @@ static void balloon_op(unsigned code, struct h_reader *r)
                 "request_stats answered %d holding %d", ret, held);
         break;
     }
-    case 1: /* svpy_balloon_start's pass over every queue, the cap checked between */
-        memcpy(balloon.roles, roles, sizeof(roles));
-        for (unsigned q = 0; q < SVPY_BALLOON_QUEUES && !enough_frames(); q++)
-            balloon_notify(q);
+    case 1:
+        balloon_start();
         break;
     }
     H_CHECK(balloon.stats_len <= SVPY_BALLOON_STATS_BYTES, "stats_len %u", balloon.stats_len);
