@@ -56,6 +56,22 @@ static int backend[PORTS][2];
 static int backend_socket[PORTS];
 static uint8_t scratch[65536];
 
+/* Bytes moved this input (host input offered, guest output taken): past
+ * twice a port buffer's size the full-buffer paths have been reached; more
+ * would only slow the fuzzing (the device copies byte by byte, each byte
+ * traced), so the device is served no more. */
+#define MAX_BYTES_PER_INPUT (2 * SVPY_CONSOLE_OUT_BYTES)
+static uint64_t input_offered;
+
+static bool enough_bytes(void)
+{
+    uint64_t moved = input_offered;
+
+    for (unsigned nr = 0; nr < PORTS; nr++)
+        moved += console.ports[nr].counters.tx_bytes;
+    return moved > MAX_BYTES_PER_INPUT;
+}
+
 static struct svpy_virtqueue *console_queue(unsigned q)
 {
     return &console.vqs[q];
@@ -133,6 +149,7 @@ static void console_begin(struct h_reader *r)
     console.thread = &thread;
     multiport = (cfg >> 2) & 1;
     h_faults = 0;
+    input_offered = 0;
     for (unsigned nr = 0; nr < ports; nr++) {
         uint8_t port_cfg = h_u8(r);
         static const char *const names[] = { "", "org.qemu.guest_agent.0", "a" };
@@ -145,6 +162,8 @@ static void console_begin(struct h_reader *r)
 
 static void console_start(void)
 {
+    if (enough_bytes())
+        return;
     svpy_lock(&console.dev.shared);
     svpy_console_start(&console, multiport);
     svpy_unlock(&console.dev.shared);
@@ -159,8 +178,8 @@ static void console_reset(void)
 
 static void console_notify(unsigned q)
 {
-    if (q >= console.dev.num_queues)
-        return; /* no such queue for this many ports */
+    if (q >= console.dev.num_queues || enough_bytes())
+        return; /* no such queue for this many ports, or enough done */
     svpy_lock(&console.dev.shared);
     on_queue_notified(&console.dev, q);
     svpy_unlock(&console.dev.shared);
@@ -170,6 +189,8 @@ static void console_op(unsigned code, struct h_reader *r)
 {
     unsigned nr = h_u8(r) % PORTS;
 
+    if (code <= 1 && enough_bytes())
+        return; /* (its bytes are left to be read as the next steps) */
     svpy_lock(&console.dev.shared);
     switch (code) {
     case 0: { /* host input for a port */
@@ -178,6 +199,7 @@ static void console_op(unsigned code, struct h_reader *r)
         uint32_t in_len = nr < console.max_nr_ports ? console.ports[nr].in_len : 0;
         uint32_t taken = svpy_console_input(&console, nr, bytes, (uint32_t)len);
 
+        input_offered += len;
         H_CHECK(taken <= len && taken <= SVPY_CONSOLE_IN_BYTES - in_len, "input took %u of %zu",
                 taken, len);
         break;
@@ -187,6 +209,7 @@ static void console_op(unsigned code, struct h_reader *r)
 
         memset(scratch, 'x', len);
         svpy_console_input(&console, nr, scratch, len);
+        input_offered += len;
         break;
     }
     case 2: /* the backend comes or goes (a socket client) */
