@@ -24,6 +24,14 @@ static struct svpy_console_port *port_of(struct svpy_console *console, unsigned 
     return &console->ports[nr];
 }
 
+/* A broken device serves nothing more until the driver resets it: one queue's
+ * error stops the others too, whichever path (control plane input, a control
+ * message's answer) would pop next. */
+static bool is_broken(struct svpy_console *console)
+{
+    return __atomic_load_n(&console->dev.shared.broken, __ATOMIC_SEQ_CST) != 0;
+}
+
 static void interrupt_if_needed(struct svpy_console *console, struct svpy_virtqueue *vq)
 {
     if (svpy_vq_should_interrupt(vq))
@@ -62,7 +70,7 @@ static void flush_ctrl(struct svpy_console *console)
     struct svpy_virtqueue *vq = &console->vqs[CTRL_RX];
     int completed = 0;
 
-    if (!console->multiport || !vq->active)
+    if (!console->multiport || !vq->active || is_broken(console))
         return;
 again:
     while (console->ctrl_len) {
@@ -176,8 +184,12 @@ static void serve_ctrl_tx(struct svpy_console *console)
         for (;;) {
             uint8_t header[CTRL_HEADER];
             uint32_t have = 0;
-            int ret = svpy_vq_pop(vq, console->dev.mem, &console->chain);
+            int ret;
 
+            /* The last message's answer may have found the control receive queue broken. */
+            if (is_broken(console))
+                goto out;
+            ret = svpy_vq_pop(vq, console->dev.mem, &console->chain);
             if (ret == 0)
                 break;
             if (ret < 0) {
@@ -200,6 +212,7 @@ static void serve_ctrl_tx(struct svpy_console *console)
                             (uint16_t)(header[6] | header[7] << 8));
         }
     } while (svpy_vq_enable_notify(vq));
+out:
     if (completed)
         interrupt_if_needed(console, vq);
 }
@@ -394,7 +407,7 @@ static void fill_rx(struct svpy_console *console, struct svpy_console_port *port
 
     /* Linux drops what arrives on a port no process has open: input waits (as
      * QEMU's does) until the guest says it opened the port. */
-    if (!vq->active || !port->guest_open)
+    if (!vq->active || !port->guest_open || is_broken(console))
         return;
     for (;;) {
         while (port->in_len) {

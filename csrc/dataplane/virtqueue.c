@@ -45,6 +45,13 @@ int svpy_vq_activate(struct svpy_virtqueue *vq, const struct svpy_guest_memory *
     vq->used = svpy_translate(mem, vq->used_gpa, 6 + 8 * size);
     if (!vq->desc || !vq->avail || !vq->used)
         return SVPY_VQ_ERR_RING_ADDRESS;
+    /* The device writes the used ring and reads the available one: were they
+     * to overlap, its own writes would move the index it reads (used->flags
+     * over avail->idx flips it on every disable/enable of notifications, and
+     * a pass would never end, holding the device lock and the I/O thread). */
+    if ((uint8_t *)vq->used < (uint8_t *)vq->avail + 6 + 2 * size &&
+        (uint8_t *)vq->avail < (uint8_t *)vq->used + 6 + 8 * size)
+        return SVPY_VQ_ERR_RING_ADDRESS;
     vq->last_avail_idx = 0;
     vq->used_idx = 0;
     vq->signalled_used = 0;

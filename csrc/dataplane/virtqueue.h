@@ -48,7 +48,7 @@ struct virtq_used {
 /* Why a chain or queue was refused; also reported to the control plane. */
 enum svpy_vq_error {
     SVPY_VQ_OK = 0,
-    SVPY_VQ_ERR_RING_ADDRESS = 1,   /* ring not in guest RAM or misaligned */
+    SVPY_VQ_ERR_RING_ADDRESS = 1,   /* ring not in guest RAM, misaligned, or used over avail */
     SVPY_VQ_ERR_AVAIL_IDX = 2,      /* avail idx moved by more than the queue size */
     SVPY_VQ_ERR_HEAD_INDEX = 3,     /* avail ring entry >= queue size */
     SVPY_VQ_ERR_NEXT_INDEX = 4,     /* next >= queue (or table) size */
