@@ -106,7 +106,6 @@ static const struct svpy_syscall_rule RULES[] = {
     {"dup", MAIN, SVPY_RULE_ANY, "a client's socket is handed to a chardev"},
     {"dup3", MAIN, SVPY_RULE_ANY, "as dup"},
     {"pipe2", MAIN, SVPY_RULE_ANY, "wake-up pipes"},
-    {"eventfd2", PYTHON, SVPY_RULE_ANY, "a hot-plugged device's kick and interrupt eventfds"},
     {"io_setup", MAIN, SVPY_RULE_ANY, "the AIO context of a hot-plugged O_DIRECT image"},
     {"io_destroy", MAIN, SVPY_RULE_ANY, "an unplugged image's AIO context"},
     {"accept4", MAIN, SVPY_RULE_ANY, "QMP and chardev clients"},
@@ -129,15 +128,15 @@ static const struct svpy_syscall_rule RULES[] = {
 
 #define RULE_COUNT (sizeof(RULES) / sizeof(RULES[0]))
 
-/* The ioctl requests each kind may make (the I/O thread makes none). */
+/* The ioctl requests each kind may make (the I/O thread makes none). Every device, its
+ * eventfds, irqfd and ioeventfds exist from set-up on: hot-plug fills a slot, it never
+ * places a device, so no KVM_IRQFD, KVM_IOEVENTFD or eventfd2 later. */
 static const struct svpy_ioctl_rule IOCTLS[] = {
     {KVM_RUN, "KVM_RUN", VCPU, "runs the guest"},
     {KVM_GET_REGS, "KVM_GET_REGS", VCPU, "a fatal exit's report (RIP, code bytes)"},
     {KVM_GET_SREGS, "KVM_GET_SREGS", VCPU, "as KVM_GET_REGS"},
     {KVM_IRQ_LINE, "KVM_IRQ_LINE", MAIN | VCPU,
      "the UART's interrupt: raised by a register write (vCPU) or by input (control plane)"},
-    {KVM_IRQFD, "KVM_IRQFD", MAIN, "a hot-plugged device's interrupt"},
-    {KVM_IOEVENTFD, "KVM_IOEVENTFD", MAIN, "a hot-plugged device's queue notifications"},
     {TUNSETIFF, "TUNSETIFF", MAIN, "netdev_add opens a tap"},
     {TUNGETIFF, "TUNGETIFF", MAIN, "checks a tap fd passed in (fd=N)"},
     {TUNSETVNETHDRSZ, "TUNSETVNETHDRSZ", MAIN, "a hot-plugged tap's virtio-net header"},
