@@ -20,7 +20,6 @@ from stratovirt_py.event_loop import EventLoop
 from stratovirt_py.kvm import KvmError
 from stratovirt_py.machine import ExitRequest, MicroVM
 from stratovirt_py.qmp.server import QmpServer
-from stratovirt_py.sandbox import ThreadKind
 
 log = logging.getLogger("stratovirt_py")
 
@@ -179,7 +178,7 @@ def _run(config: MachineConfig, ready_pipe: int | None) -> int:
             machine.launch_vcpus()
             # Set-up is done: from here the main thread and every thread it starts may only
             # make the calls on its list (the vCPU and I/O threads have their own).
-            sandbox.enter(ThreadKind.MAIN)
+            sandbox.enter(sandbox.ThreadKind.MAIN)
             machine.start()
             _report_to_parent(ready_pipe, b"ready")
             request = loop.run_until_complete(machine.exited)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from stratovirt_py._dataplane import ffi, lib
 from stratovirt_py.errors import MonitorError
@@ -82,27 +84,25 @@ def mode() -> SandboxMode:
     return SandboxMode(lib.svpy_sandbox_mode())
 
 
+def _entries(entry_at: Callable[[int], Any]) -> Iterator[tuple[Any, str, frozenset[ThreadKind],
+                                                                 str]]:
+    """A C table's entries in order (it ends with NULL): (entry, name, thread kinds, why)."""
+    index = 0
+    while (entry := entry_at(index)) != ffi.NULL:
+        kinds = frozenset(kind for kind in ThreadKind if entry.kinds & kind)
+        yield entry, ffi.string(entry.name).decode(), kinds, ffi.string(entry.why).decode()
+        index += 1
+
+
 def rules() -> list[tuple[str, frozenset[ThreadKind], str, str]]:
     """The allow-list: (system call, thread kinds, condition, why), in the C table's order."""
-    listed = []
-    index = 0
-    while (rule := lib.svpy_sandbox_rule(index)) != ffi.NULL:
-        kinds = frozenset(kind for kind in ThreadKind if rule.kinds & kind)
-        listed.append((ffi.string(rule.name).decode(), kinds, CONDITIONS[rule.condition],
-                       ffi.string(rule.why).decode()))
-        index += 1
-    return listed
+    return [(name, kinds, CONDITIONS[rule.condition], why)
+            for rule, name, kinds, why in _entries(lib.svpy_sandbox_rule)]
 
 
 def ioctls() -> list[tuple[str, frozenset[ThreadKind], str]]:
     """The ioctl requests allowed: (request, thread kinds, why)."""
-    listed = []
-    index = 0
-    while (rule := lib.svpy_sandbox_ioctl(index)) != ffi.NULL:
-        kinds = frozenset(kind for kind in ThreadKind if rule.kinds & kind)
-        listed.append((ffi.string(rule.name).decode(), kinds, ffi.string(rule.why).decode()))
-        index += 1
-    return listed
+    return [(name, kinds, why) for _, name, kinds, why in _entries(lib.svpy_sandbox_ioctl)]
 
 
 def _marks(kinds: frozenset[ThreadKind]) -> str:

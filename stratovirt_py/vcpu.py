@@ -24,10 +24,8 @@ from stratovirt_py._dataplane import ffi as dataplane_ffi
 from stratovirt_py._dataplane import lib as dataplane_lib
 from stratovirt_py.arch.x86_64.guest_walk import code_bytes
 from stratovirt_py.devices.bus import Bus
-from stratovirt_py.errors import MonitorError
 from stratovirt_py.kvm import KvmError, Vcpu, ffi, lib
 from stratovirt_py.memory import GuestMemory
-from stratovirt_py.sandbox import ThreadKind
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +98,7 @@ class VcpuThread:
 
     def launch(self) -> None:
         """Starts the thread, parked: it enters its seccomp filter and waits for resume()."""
-        if not self._thread.is_alive() and self._thread.ident is None:
+        if self._thread.ident is None:
             self._request = _Request.PAUSE
             self._thread.start()
             self._started.wait()
@@ -155,18 +153,11 @@ class VcpuThread:
         with contextlib.suppress(OSError), open(f"/proc/self/task/{self.thread_id}/comm",
                                                 "w") as comm:
             comm.write(f"vcpu{self.index}")
-        try:
-            # Its own filter only (it starts before the main thread enters its filter); the
-            # thread was named above: that opens a file, which a vCPU may not do after.
-            sandbox.enter(ThreadKind.VCPU)
-        except MonitorError as exc:
-            failure: MonitorError | None = exc
-        else:
-            failure = None
         self._started.set()
         try:
-            if failure is not None:
-                raise failure
+            # Its own filter only (the thread exists before the main thread enters its
+            # filter); named above, as that opens a file, which a vCPU may not do after.
+            sandbox.enter(sandbox.ThreadKind.VCPU)
             self._loop()
         except Exception as exc:  # a bug here must end the VM, not hang it
             log.exception("vCPU %d failed", self.index)
